@@ -1,0 +1,75 @@
+"""Command line: `python -m medusa_core generate --config PATH --prompt TEXT [...]`.
+
+Errors print one line naming the problem and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from medusa_core.config import DEFAULT_CONFIG, ConfigError, load_config
+from medusa_core.heads import HeadsFormatError
+
+
+def _positive_int(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m medusa_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config YAML (default: embedded model)")
+    gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    gen.add_argument("--max-tokens", type=_positive_int, default=None, help="new tokens (default: config)")
+    gen.add_argument("--mode", choices=["medusa", "plain"], default="medusa")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--acceptance", choices=["greedy", "typical", "lossless"], default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> None:
+    from medusa_core.generator import TextRequest, load_generator
+    from medusa_core.sampling import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.acceptance)
+    config = load_config(args.config)
+    generator = load_generator(config)
+    messages = [{"role": "user", "content": args.prompt}]
+    prompt_ids = generator.encode_chat(messages) if args.chat else generator.encode(args.prompt)
+    request = TextRequest(tuple(prompt_ids), args.max_tokens or config.decoding.max_new_tokens, sampling,
+                          args.mode, tuple(args.stop), args.ignore_eos)
+    result = generator.generate([request])[0]
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),
+                          "finish_reason": result.finish_reason, "stats": dataclasses.asdict(result.stats)}))
+    else:
+        s = result.stats
+        print(result.text)
+        print(f"[{s.generated_tokens} tokens, {s.decode_steps} steps, {s.mean_accepted_length:.2f} tokens/step, "
+              f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": generate}[args.command](args)
+    except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

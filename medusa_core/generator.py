@@ -1,0 +1,212 @@
+"""Text in, text out: prompts and chat messages -> token ids -> the decode loop -> text, stop strings and stats.
+
+`load_generator(config)` builds the backend, heads and tree from a validated config; `MedusaGenerator.stream`
+decodes a batch of requests together and yields text deltas per step; `generate` collects them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medusa_core.backends import Backend, load_backend
+from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
+from medusa_core.decode import DecodeRequest, Drafter, StepEvent, decode
+from medusa_core.heads import MedusaHeads, load_heads, random_heads
+from medusa_core.sampling import SamplingParams
+from medusa_core.tree import TreeBuffers, build_tree_buffers
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    mode: Literal["medusa", "plain"] = "medusa"
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    decode_steps: int  # verify passes after the prefill
+    mean_accepted_length: float  # tokens per decode step (accept_len + 1, averaged)
+    accepted_per_head: tuple[int, ...]  # how often head k's candidate was accepted
+    accept_len_histogram: tuple[int, ...]  # steps per accept_len 0..D
+    time_to_first_token_s: float
+    wall_time_s: float
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    request: int
+    text: str  # new text since the last delta
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    stats: GenerationStats | None  # set on the final delta
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    stats: GenerationStats
+
+
+@dataclass
+class _Tracker:
+    """Per-request text state: detokenizes incrementally, cuts at stop strings, and counts stats."""
+
+    request: TextRequest
+    start: float
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0
+    first_token_at: float | None = None
+    accept_lens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class MedusaGenerator:
+    def __init__(self, config: GeneratorConfig, backend: Backend, drafter: Drafter | None, tree: TreeBuffers):
+        self.config, self.backend, self.drafter, self.tree = config, backend, drafter, tree
+        self.tokenizer = backend.tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render messages with the model's chat template (never a hard-coded one) and tokenize."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"model {self.config.name!r} has no chat template; set base_model.chat_template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check(self, request: TextRequest) -> None:
+        """Raise ValueError if the request cannot fit the context window."""
+        n, ctx = len(request.prompt_ids), self.backend.context_length
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n + request.max_new_tokens > ctx:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
+                             f"context window of {ctx} tokens")
+
+    def generate(self, requests: list[TextRequest]) -> list[GenerationResult]:
+        text = ["" for _ in requests]
+        ids: list[list[int]] = [[] for _ in requests]
+        final: dict[int, TextDelta] = {}
+        for deltas in self.stream(requests):
+            for d in deltas:
+                text[d.request] += d.text
+                ids[d.request] += d.token_ids
+                if d.finish_reason is not None:
+                    final[d.request] = d
+        return [GenerationResult(text[i], tuple(ids[i]), final[i].finish_reason, final[i].stats)
+                for i in range(len(requests))]
+
+    def stream(self, requests: list[TextRequest], cancelled: set[int] | None = None) -> Iterator[list[TextDelta]]:
+        """Decode all requests together; yield the text each one gained per step. Add to `cancelled` to stop one."""
+        for r in requests:
+            self.check(r)
+        cancelled = cancelled if cancelled is not None else set()
+        now = time.perf_counter()
+        trackers = [_Tracker(r, now) for r in requests]
+        decode_requests = [DecodeRequest(r.prompt_ids, r.max_new_tokens, r.sampling, r.mode == "medusa",
+                                         r.ignore_eos) for r in requests]
+        dec = self.config.decoding
+        for events in decode(self.backend, self.drafter, self.tree, decode_requests, dec.typical_epsilon,
+                             dec.typical_alpha, cancelled):
+            deltas = [self._delta(trackers[e.request], e) for e in events]
+            cancelled.update(d.request for d in deltas if d.finish_reason == "stop")
+            yield deltas
+
+    def _delta(self, tr: _Tracker, event: StepEvent) -> TextDelta:
+        now = time.perf_counter()
+        tr.first_token_at = tr.first_token_at or now
+        if event.accept_len is not None:
+            tr.accept_lens.append(event.accept_len)
+        tr.ids.extend(event.tokens)
+        if tr.finish_reason is None and event.finish_reason not in (None, "cancelled"):
+            tr.finish_reason = event.finish_reason
+        full = self.tokenizer.decode(tr.ids, skip_special_tokens=True)
+        end = _stop_at(full, tr.request.stop, tr.sent)
+        if end is not None:
+            full, tr.finish_reason = full[:end], "stop"
+        done = tr.finish_reason is not None or event.finish_reason == "cancelled"
+        safe = len(full) if done else _safe_end(full, tr.request.stop)
+        text = full[tr.sent : max(safe, tr.sent)]
+        tr.sent = max(safe, tr.sent)
+        reason = tr.finish_reason or ("cancelled" if done else None)
+        stats = self._stats(tr, now) if done else None
+        return TextDelta(event.request, text, event.tokens, reason, stats)
+
+    def _stats(self, tr: _Tracker, now: float) -> GenerationStats:
+        steps = len(tr.accept_lens)
+        depth = max(self.tree.max_depth, max(tr.accept_lens, default=0))
+        hist = [tr.accept_lens.count(a) for a in range(depth + 1)]
+        per_head = [sum(1 for a in tr.accept_lens if a > k) for k in range(depth)]
+        wall = now - tr.start
+        return GenerationStats(
+            prompt_tokens=len(tr.request.prompt_ids), generated_tokens=len(tr.ids), decode_steps=steps,
+            mean_accepted_length=(sum(tr.accept_lens) + steps) / steps if steps else 0.0,
+            accepted_per_head=tuple(per_head), accept_len_histogram=tuple(hist),
+            time_to_first_token_s=(tr.first_token_at or now) - tr.start, wall_time_s=wall,
+            tokens_per_second=len(tr.ids) / wall if wall > 0 else 0.0,
+        )
+
+
+def _stop_at(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text not yet sent (plus overlap)."""
+    hits = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much text can be sent: hold back an incomplete UTF-8 character and a possible stop-string prefix."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return end
+
+
+def load_drafter(heads: HeadsConfig, hidden: int, vocab: int, dtype, device) -> MedusaHeads:
+    if heads.random is not None:
+        drafter = random_heads(heads.random.num_heads, hidden, heads.random.seed, heads.random.scale, dtype)
+    else:
+        drafter = load_heads(_heads_folder(heads), hidden, vocab)
+    return drafter.to(device=device, dtype=dtype)
+
+
+def _heads_folder(heads: HeadsConfig) -> str:
+    src = heads.source
+    if src.path is not None:
+        return str(resolve_repo_path(src.path))
+    if src.package is not None:
+        raise ValueError("heads.source.package is not supported; use path or hub_id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(src.hub_id)
+    except (OSError, LocalEntryNotFoundError) as e:
+        raise FileNotFoundError(
+            f"could not fetch Medusa heads {src.hub_id!r} ({e.__class__.__name__}). Offline: on a connected machine "
+            f"run `hf download {src.hub_id} --local-dir heads/{src.hub_id.split('/')[-1]}`, copy the folder here and "
+            f"set heads.source.path to it."
+        ) from e
+
+
+def load_generator(config: GeneratorConfig) -> MedusaGenerator:
+    backend = load_backend(config.base_model)
+    drafter = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
+    tree = build_tree_buffers(config.tree.resolved_paths(), config.tree.top_k, drafter.num_heads)
+    return MedusaGenerator(config, backend, drafter, tree)

@@ -1,0 +1,55 @@
+"""Every shipped config validates; bad configs fail with the field named."""
+from pathlib import Path
+
+import pytest
+
+from medusa_core.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+GOOD = """
+name: t
+base_model: {source: {path: somewhere}}
+heads: {random: {num_heads: 2}}
+tree: {preset: chain_2}
+"""
+
+
+def test_configs_exist():
+    assert any(p.name == "smollm2-135m.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.tree.resolved_paths()
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.decoding.max_new_tokens == 256 and cfg.tree.top_k == 10
+
+
+@pytest.mark.parametrize("change, field", [
+    (("tree: {preset: chain_2}", "tree: {preset: nope}"), "tree"),
+    (("name: t", "name: t\nbogus: 1"), "bogus"),
+    (("{random: {num_heads: 2}}", "{random: {num_heads: 0}}"), "heads.random.num_heads"),
+    (("{source: {path: somewhere}}", "{source: {path: a, hub_id: b}}"), "base_model.source"),
+    (("{source: {path: somewhere}}", "{source: {path: a}, dtype: float8}"), "base_model.dtype"),
+    (("tree: {preset: chain_2}", "tree: {paths: [[0, 0]]}"), "lacks its parent"),
+])
+def test_bad_config_names_field(tmp_path, change, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, GOOD.replace(*change)))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1,"))

@@ -1,0 +1,50 @@
+"""The contract on the embedded model (fp32, CPU): greedy Medusa == our plain greedy == transformers generate.
+
+Five prompts x 64 new tokens (EOS ignored), decoded as one batch, for random heads, oracle heads and heads that are
+right only to depth j, on three trees including the reference mc_sim_7b_63. A divergence passes only when it is a
+near-tie (top-2 logit gap < 1e-3) of the reference; the count of such cases is printed.
+"""
+import pytest
+
+from conftest import PROMPTS, OracleDrafter
+from equivalence import assert_same_or_near_tie, hf_generate, run_decode
+from medusa_core.tree import build_tree_buffers
+from medusa_core.tree_presets import preset_paths
+
+N_NEW = 64
+TREES = ["chain_4", "mc_16", "mc_sim_7b_63"]
+
+
+@pytest.fixture(scope="module")
+def setup(embedded_generator):
+    gen = embedded_generator
+    prompts = [tuple(gen.encode(p)) for p in PROMPTS]
+    plain, _ = run_decode(gen.backend, None, gen.tree, prompts, N_NEW, speculate=False)
+    return gen, prompts, plain
+
+
+def test_plain_equals_transformers_generate(setup):
+    gen, prompts, plain = setup
+    ties = sum(assert_same_or_near_tie(gen.backend, p, got, hf_generate(gen.backend.model, p, N_NEW), f"prompt {i}")
+               for i, (p, got) in enumerate(zip(prompts, plain)))
+    print(f"plain vs generate: {ties} near-ties in {len(prompts)} prompts")
+
+
+@pytest.mark.parametrize("tree_name", TREES)
+@pytest.mark.parametrize("heads", ["random", "oracle", "oracle_to_depth_1", "oracle_to_depth_2"])
+def test_medusa_equals_plain(setup, tree_name, heads):
+    gen, prompts, plain = setup
+    tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
+    if heads == "random":
+        drafter = gen.drafter
+    else:
+        depth = None if heads == "oracle" else int(heads[-1])
+        drafter = OracleDrafter(dict(zip(prompts, plain)), 4, gen.backend.vocab_size, depth)
+    got, steps = run_decode(gen.backend, drafter, tree, prompts, N_NEW)
+    ties = sum(assert_same_or_near_tie(gen.backend, p, g, r, f"{tree_name}/{heads}/prompt {i}")
+               for i, (p, g, r) in enumerate(zip(prompts, got, plain)))
+    print(f"{tree_name}/{heads}: {steps} steps, {ties} near-ties")
+    if heads == "oracle":  # every step accepts a full path: 1 prefill + ceil(63 / (D + 1)) decode steps
+        assert steps == 1 + -(-(N_NEW - 1) // (tree.max_depth + 1))
+    if heads == "oracle_to_depth_1":
+        assert steps == 1 + -(-(N_NEW - 1) // 2)

@@ -1,0 +1,92 @@
+"""Heads checkpoints: the published layout in both formats and file types loads strictly and round-trips."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medusa_core.heads import HeadsFormatError, MedusaHeads, load_heads, random_heads, save_heads
+
+H, V = 16, 32
+
+
+def published(num_heads=5, legacy=True, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k in range(num_heads):
+        sd[f"{k}.0.linear.weight"] = torch.randn(H, H, generator=g).to(dtype)
+        sd[f"{k}.0.linear.bias"] = torch.randn(H, generator=g).to(dtype)
+        if legacy:
+            sd[f"{k}.1.weight"] = torch.randn(V, H, generator=g).to(dtype)
+    return sd
+
+
+def write(folder, sd, fmt, config_heads=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"medusa_num_heads": config_heads, "medusa_num_layers": 1}))
+    if fmt == "safetensors":
+        save_file(sd, str(folder / "medusa_lm_head.safetensors"))
+    else:
+        torch.save(sd, folder / "medusa_lm_head.pt")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+@pytest.mark.parametrize("legacy", [True, False])
+def test_published_layout_loads_and_counts_heads_from_keys(tmp_path, fmt, legacy):
+    sd = published(legacy=legacy)
+    write(tmp_path / "h", sd, fmt, config_heads=2)  # the config under-reports, as the Vicuna-7B release does
+    heads = load_heads(tmp_path / "h", H, V)
+    assert heads.num_heads == 5 and heads.num_layers == 1
+    assert (heads.lm_head is not None) == legacy
+    assert heads.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(heads.weight[3, 0], sd["3.0.linear.weight"])
+    if legacy:
+        torch.testing.assert_close(heads.lm_head[4], sd["4.1.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_save_then_load_round_trips(tmp_path, fmt):
+    heads = random_heads(3, H, seed=1, scale=1.0, dtype=torch.float32)
+    save_heads(heads, tmp_path / "h", base_model="tiny", fmt=fmt)
+    again = load_heads(tmp_path / "h", H, V)
+    assert torch.equal(again.weight, heads.weight) and again.lm_head is None
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["medusa_num_heads"] == 3
+
+
+@pytest.mark.parametrize("corrupt, names", [
+    (lambda sd: sd.pop("2.0.linear.bias"), ["2.0.linear.bias"]),
+    (lambda sd: sd.update({"1.0.linear.weight": torch.zeros(H, H + 1)}), ["1.0.linear.weight"]),
+    (lambda sd: sd.update({"extra.thing": torch.zeros(1)}), ["extra.thing"]),
+    (lambda sd: sd.pop("4.1.weight"), ["4.1.weight"]),
+])
+def test_corrupted_checkpoint_names_keys(tmp_path, corrupt, names):
+    sd = published()
+    corrupt(sd)
+    write(tmp_path / "h", sd, "safetensors")
+    with pytest.raises(HeadsFormatError) as e:
+        load_heads(tmp_path / "h", H, V)
+    for n in names:
+        assert n in str(e.value)
+
+
+def test_pt_with_pickled_object_is_refused(tmp_path):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    torch.save({"0.0.linear.weight": torch.nn.Linear(2, 2)}, folder / "medusa_lm_head.pt")  # a module, not a tensor
+    with pytest.raises(HeadsFormatError, match="refusing to unpickle"):
+        load_heads(folder, H, V)
+
+
+def test_missing_folder_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="medusa_lm_head"):
+        load_heads(tmp_path, H, V)
+
+
+def test_zero_heads_are_identity_and_draft_shapes():
+    heads = MedusaHeads(4, 1, H, vocab=None)
+    lm = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(2, H)
+    logits = heads.logits(hidden, lm)
+    assert logits.shape == (2, 4, V)
+    torch.testing.assert_close(logits[:, 2], lm(hidden))  # zero-initialised ResBlock = identity
+    assert heads.draft(hidden, [[], []], 5, lm).shape == (2, 4, 5)
