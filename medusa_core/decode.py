@@ -59,6 +59,7 @@ def propose(root: Tensor, candidates: Tensor | None, tree: TreeBuffers) -> Tenso
     if candidates is None:
         return root[:, None]
     depth = tree.max_depth
+    assert candidates.shape[1] >= depth, f"tree depth {depth} needs {depth} heads, drafter gave {candidates.shape[1]}"
     flat = torch.cat([root[:, None], candidates[:, :depth].reshape(len(root), -1)], dim=1)  # [B, 1 + D*top_k]
     return flat[:, tree.candidate_index]
 

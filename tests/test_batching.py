@@ -1,0 +1,81 @@
+"""Batched decoding equals unbatched decoding, and on a tiny random Llama equals transformers' generate.
+
+The tiny model runs a broad grid fast: batch 1 and 3 with uneven prompt lengths, oracle / partial / random heads,
+two trees, and max_new_tokens that do not divide by the step size.
+"""
+import pytest
+import torch
+
+from conftest import OracleDrafter
+from equivalence import assert_same_or_near_tie, hf_generate, run_decode
+from medusa_core.heads import random_heads
+from medusa_core.sampling import SamplingParams
+from medusa_core.tree import build_tree_buffers
+from medusa_core.tree_presets import preset_paths
+
+TINY_PROMPTS = [(5, 17, 42, 99, 3, 8, 120, 7), (200, 1), (64, 65, 66, 67, 68)]
+N_NEW = 37
+
+
+@pytest.fixture(scope="module")
+def tiny_refs(tiny_backend):
+    return {p: hf_generate(tiny_backend.model, p, N_NEW) for p in TINY_PROMPTS}
+
+
+def test_tiny_plain_equals_generate(tiny_backend, tiny_refs):
+    got, _ = run_decode(tiny_backend, None, build_tree_buffers([], 1), TINY_PROMPTS, N_NEW, speculate=False)
+    for p, g in zip(TINY_PROMPTS, got):
+        assert_same_or_near_tie(tiny_backend, p, g, tiny_refs[p], f"plain {p}")
+
+
+@pytest.mark.parametrize("tree_name", ["chain_3", "mc_sim_7b_63"])
+@pytest.mark.parametrize("heads", ["oracle", "oracle_to_depth_2", "random"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tiny_medusa_equals_generate(tiny_backend, tiny_refs, tree_name, heads, batch):
+    tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
+    if heads == "random":
+        drafter = random_heads(4, 64, seed=3, scale=1.0, dtype=torch.float32)
+    else:
+        drafter = OracleDrafter(tiny_refs, 4, 256, None if heads == "oracle" else 2)
+    prompts = TINY_PROMPTS[:batch]
+    got, _ = run_decode(tiny_backend, drafter, tree, prompts, N_NEW)
+    for p, g in zip(prompts, got):
+        assert_same_or_near_tie(tiny_backend, p, g, tiny_refs[p], f"{tree_name}/{heads}/{p}")
+
+
+def test_mixed_plain_and_medusa_rows_in_one_batch(tiny_backend, tiny_refs):
+    from medusa_core.decode import DecodeRequest, decode
+
+    tree = build_tree_buffers(preset_paths("mc_16"), top_k=10)
+    drafter = OracleDrafter(tiny_refs, 4, 256)
+    reqs = [DecodeRequest(p, N_NEW, speculate=(i != 1), ignore_eos=True) for i, p in enumerate(TINY_PROMPTS)]
+    out = {i: [] for i in range(3)}
+    accept = {i: [] for i in range(3)}
+    for events in decode(tiny_backend, drafter, tree, reqs):
+        for e in events:
+            out[e.request] += e.tokens
+            if e.accept_len is not None:
+                accept[e.request].append(e.accept_len)
+    assert all(out[i] == tiny_refs[p] for i, p in enumerate(TINY_PROMPTS))
+    assert set(accept[1]) == {0} and max(accept[0]) > 0
+
+
+def test_embedded_batched_equals_alone(embedded_generator):
+    gen = embedded_generator
+    prompts = [tuple(gen.encode(p)) for p in ["Hello, my name is", "import numpy as np\n", "1, 2, 3, 4,"]]
+    together, _ = run_decode(gen.backend, gen.drafter, gen.tree, prompts, 24)
+    for p, t in zip(prompts, together):
+        alone, _ = run_decode(gen.backend, gen.drafter, gen.tree, [p], 24)
+        assert_same_or_near_tie(gen.backend, p, t, alone[0], f"batched {p}")
+
+
+def test_sampled_batched_equals_alone_with_seeds(tiny_backend):
+    tree = build_tree_buffers(preset_paths("mc_16"), top_k=10)
+    drafter = random_heads(4, 64, seed=3, scale=1.0, dtype=torch.float32)
+    for acceptance in ["typical", "lossless"]:
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, acceptance=acceptance)
+        together, _ = run_decode(tiny_backend, drafter, tree, TINY_PROMPTS, N_NEW, sampling=params)
+        alone, _ = run_decode(tiny_backend, drafter, tree, TINY_PROMPTS[1:2], N_NEW, sampling=params)
+        again, _ = run_decode(tiny_backend, drafter, tree, TINY_PROMPTS[1:2], N_NEW, sampling=params)
+        assert alone == again, "a seed makes sampling reproducible"
+        assert together[1] == alone[0], f"{acceptance}: a row's samples do not depend on its batch"
