@@ -10,7 +10,7 @@ three plain functions with the state passed in and out, nothing is stashed on th
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,10 +65,9 @@ def propose(root: Tensor, candidates: Tensor | None, tree: TreeBuffers) -> Tenso
 
 
 def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, requests: list[DecodeRequest],
-           epsilon: float = 0.09, alpha: float = 0.3, cancelled: set[int] | None = None
+           epsilon: float = 0.09, alpha: float = 0.3, is_cancelled: Callable[[int], bool] = lambda i: False
            ) -> Iterator[list[StepEvent]]:
-    """Yield, per step, one event for each request still in the batch. Add an index to `cancelled` to drop it."""
-    cancelled = cancelled if cancelled is not None else set()
+    """Yield, per step, one event for each request still in the batch; `is_cancelled(i)` drops request i."""
     rows = [_Row(r, r.sampling.generator(), list(r.prompt_ids)) for r in requests]
     if not any(r.speculate for r in requests) or drafter is None:
         tree = plain_tree()
@@ -79,8 +78,8 @@ def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, request
     active = list(range(len(rows)))
     yield [_emit(rows[i], [int(roots[b])], None, backend.eos_token_ids, i) for b, i in enumerate(active)]
     while True:
-        keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None and i not in cancelled]
-        yield from _cancelled_events(rows, active, cancelled)
+        yield from _cancelled_events(rows, active, is_cancelled)
+        keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None]
         if not keep:
             return
         if len(keep) < len(active):
@@ -130,8 +129,9 @@ def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...
     return StepEvent(index, tuple(out), accept_len, row.finish_reason)
 
 
-def _cancelled_events(rows: list[_Row], active: list[int], cancelled: set[int]) -> Iterator[list[StepEvent]]:
-    gone = [i for i in active if i in cancelled and rows[i].finish_reason is None]
+def _cancelled_events(rows: list[_Row], active: list[int], is_cancelled: Callable[[int], bool]
+                      ) -> Iterator[list[StepEvent]]:
+    gone = [i for i in active if rows[i].finish_reason is None and is_cancelled(i)]
     for i in gone:
         rows[i].finish_reason = "cancelled"
     if gone:

@@ -6,7 +6,7 @@ decodes a batch of requests together and yields text deltas per step; `generate`
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -69,6 +69,7 @@ class _Tracker:
     first_token_at: float | None = None
     accept_lens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    closed: bool = False  # the final delta went out; later events (a stop string's cancel) are dropped
 
 
 class MedusaGenerator:
@@ -108,21 +109,25 @@ class MedusaGenerator:
         return [GenerationResult(text[i], tuple(ids[i]), final[i].finish_reason, final[i].stats)
                 for i in range(len(requests))]
 
-    def stream(self, requests: list[TextRequest], cancelled: set[int] | None = None) -> Iterator[list[TextDelta]]:
-        """Decode all requests together; yield the text each one gained per step. Add to `cancelled` to stop one."""
+    def stream(self, requests: list[TextRequest], is_cancelled: Callable[[int], bool] = lambda i: False
+               ) -> Iterator[list[TextDelta]]:
+        """Decode all requests together; yield the text each one gained per step. `is_cancelled(i)` stops one."""
         for r in requests:
             self.check(r)
-        cancelled = cancelled if cancelled is not None else set()
+        stopped: set[int] = set()  # requests that hit a stop string
         now = time.perf_counter()
         trackers = [_Tracker(r, now) for r in requests]
         decode_requests = [DecodeRequest(r.prompt_ids, r.max_new_tokens, r.sampling, r.mode == "medusa",
                                          r.ignore_eos) for r in requests]
         dec = self.config.decoding
         for events in decode(self.backend, self.drafter, self.tree, decode_requests, dec.typical_epsilon,
-                             dec.typical_alpha, cancelled):
-            deltas = [self._delta(trackers[e.request], e) for e in events]
-            cancelled.update(d.request for d in deltas if d.finish_reason == "stop")
-            yield deltas
+                             dec.typical_alpha, lambda i: i in stopped or is_cancelled(i)):
+            deltas = [self._delta(trackers[e.request], e) for e in events if not trackers[e.request].closed]
+            stopped.update(d.request for d in deltas if d.finish_reason == "stop")
+            for d in deltas:
+                trackers[d.request].closed = d.finish_reason is not None
+            if deltas:
+                yield deltas
 
     def _delta(self, tr: _Tracker, event: StepEvent) -> TextDelta:
         now = time.perf_counter()
