@@ -18,6 +18,14 @@ from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
 
+class RequestError(ValueError):
+    """A request that cannot be served as asked; `param` names the offending field (OpenAI error style)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class TextRequest:
     prompt_ids: tuple[int, ...]
@@ -88,13 +96,15 @@ class MedusaGenerator:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def check(self, request: TextRequest) -> None:
-        """Raise ValueError if the request cannot fit the context window."""
+        """Raise RequestError if the request cannot fit the context window."""
         n, ctx = len(request.prompt_ids), self.backend.context_length
         if n == 0:
-            raise ValueError("prompt is empty")
+            raise RequestError("prompt is empty", "prompt")
+        if n >= ctx:
+            raise RequestError(f"prompt ({n} tokens) leaves no room in the context window of {ctx} tokens", "prompt")
         if n + request.max_new_tokens > ctx:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
-                             f"context window of {ctx} tokens")
+            raise RequestError(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
+                               f"context window of {ctx} tokens", "max_tokens")
 
     def generate(self, requests: list[TextRequest]) -> list[GenerationResult]:
         text = ["" for _ in requests]
