@@ -37,8 +37,19 @@ class Source(Strict):
         return self
 
 
+class LlamaCppConfig(Strict):
+    """llama.cpp context settings (backend: llamacpp). One unified KV cache serves every row of a batch."""
+
+    n_ctx: int = Field(4096, gt=0, description="KV cells shared by all rows of a batch (prompts + outputs + tree).")
+    n_threads: int | None = Field(None, gt=0, description="CPU threads for llama_decode; default: all cores.")
+    n_batch: int = Field(512, gt=0, description="Most tokens in one llama_decode; rows x tree nodes must fit.")
+    n_seq_max: int = Field(64, gt=0, le=256, description="llama.cpp sequences; B rows with a P-leaf tree use B*P.")
+    kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type; f32 keeps tree == sequential.")
+    flash_attn: bool = Field(False, description="Flash attention (reorders sums: off keeps tree == sequential).")
+
+
 class BaseModelConfig(Strict):
-    backend: Literal["hf"] = Field("hf", description="Which backend runs the base model.")
+    backend: Literal["hf", "llamacpp"] = Field("hf", description="Which backend runs the base model.")
     source: Source
     gguf_file: str | None = Field(None, description="GGUF file inside the source folder; dequantized on load.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -49,6 +60,15 @@ class BaseModelConfig(Strict):
     cache_dir: str | None = Field(
         ".cache/models", description="Where a converted copy of a GGUF-loaded model is kept (repo-relative)."
     )
+    llamacpp: LlamaCppConfig = Field(LlamaCppConfig(), description="llama.cpp context (backend: llamacpp only).")
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> BaseModelConfig:
+        if self.backend != "llamacpp" and "llamacpp" in self.model_fields_set:
+            raise ValueError("llamacpp settings need backend: llamacpp")
+        if self.backend == "llamacpp" and self.gguf_file is None:
+            raise ValueError("backend llamacpp needs gguf_file")
+        return self
 
 
 class RandomHeads(Strict):
@@ -98,6 +118,22 @@ class GeneratorConfig(Strict):
     heads: HeadsConfig
     tree: TreeConfig
     decoding: DecodingConfig = DecodingConfig()
+
+    @model_validator(mode="after")
+    def _tree_fits_llamacpp(self) -> GeneratorConfig:
+        """llama.cpp verifies a tree with one sequence per leaf path: reject trees it cannot hold."""
+        if self.base_model.backend != "llamacpp":
+            return self
+        paths = [tuple(p) for p in self.tree.resolved_paths()]
+        parents = {p[:-1] for p in paths}
+        leaves = sum(p not in parents for p in paths) or 1
+        settings = self.base_model.llamacpp
+        if leaves > settings.n_seq_max:
+            raise ValueError(f"tree has {leaves} leaf paths but base_model.llamacpp.n_seq_max is "
+                             f"{settings.n_seq_max}: llama.cpp needs one sequence per leaf; use a smaller tree")
+        if len(paths) + 1 > settings.n_batch:
+            raise ValueError(f"tree has {len(paths) + 1} nodes but base_model.llamacpp.n_batch is {settings.n_batch}")
+        return self
 
 
 class ConfigError(ValueError):

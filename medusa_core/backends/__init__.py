@@ -52,4 +52,8 @@ def load_backend(config: BaseModelConfig) -> Backend:
         from medusa_core.backends.hf import HFBackend
 
         return HFBackend.load(config)
+    if config.backend == "llamacpp":
+        from medusa_core.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend.load(config)
     raise ValueError(f"unknown backend {config.backend!r}")
