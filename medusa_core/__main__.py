@@ -1,4 +1,4 @@
-"""Command line: `python -m medusa_core generate --config PATH --prompt TEXT [...]`.
+"""Command line: `python -m medusa_core generate|convert|train|eval|tune-tree [...]` (train/eval/tune-tree: commands.py).
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -9,6 +9,7 @@ import dataclasses
 import json
 import sys
 
+from medusa_core import commands
 from medusa_core.config import DEFAULT_CONFIG, ConfigError, load_config
 from medusa_core.heads import HeadsFormatError
 
@@ -36,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder to GGUF (and quantize it)")
+    conv.add_argument("folder", help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    conv.add_argument("--out", required=True, help="output .gguf file")
+    conv.add_argument("--outtype", choices=["f32", "f16"], default="f16", help="float type written by gguf")
+    conv.add_argument("--quant", default=None, help="then quantize with llama.cpp: Q8_0, Q4_K_M, Q4_0, ...")
+    conv.add_argument("--threads", type=_positive_int, default=None, help="quantizer threads (default: all)")
+    conv.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name for unknown BPE setups")
+    commands.add_parsers(sub, str(DEFAULT_CONFIG))
     return parser
 
 
@@ -48,7 +57,7 @@ def generate(args: argparse.Namespace) -> None:
     generator = load_generator(config)
     messages = [{"role": "user", "content": args.prompt}]
     prompt_ids = generator.encode_chat(messages) if args.chat else generator.encode(args.prompt)
-    request = TextRequest(tuple(prompt_ids), args.max_tokens or config.decoding.max_new_tokens, sampling,
+    request = TextRequest(tuple(prompt_ids), args.max_tokens or generator.default_max_tokens(len(prompt_ids)), sampling,
                           args.mode, tuple(args.stop), args.ignore_eos)
     result = generator.generate([request])[0]
     if args.json:
@@ -61,10 +70,17 @@ def generate(args: argparse.Namespace) -> None:
               f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
 
 
+def convert(args: argparse.Namespace) -> None:
+    from medusa_core.convert import convert as run_convert
+
+    print(run_convert(args.folder, args.out, args.outtype, args.quant, args.threads, args.tokenizer_pre))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate}[args.command](args)
+        {"generate": generate, "convert": convert, "train": commands.train_command, "eval": commands.eval_command,
+         "tune-tree": commands.tune_tree_command}[args.command](args)
     except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

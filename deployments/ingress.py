@@ -1,0 +1,169 @@
+"""The HTTP ingress: OpenAI-compatible routes, the original service's /generate and /compare, /health.
+
+Validation, routing and streaming only: every route turns its body into one `DecodeInput` and reads the decoder's
+stream of `DecodeChunk`s. No tensor code here. Every error, ours or the framework's, leaves as one OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}` and never carries a stack trace or a file path.
+No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime to find the bodies.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from deployments import openai_format as fmt
+from deployments.schemas import (ChatRequest, CompareRequest, CompletionRequest, DecodeChunk, DecodeInput,
+                                 ErrorInfo, GenerateRequest, SamplingFields)
+
+logger = logging.getLogger("ray.serve")
+MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_S = 1
+HEALTH_TIMEOUT_S = 5.0
+
+app = FastAPI(title="medusa-serve", description="Medusa speculative decoding, OpenAI-compatible API.")
+
+
+class ServeError(Exception):
+    def __init__(self, status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> None:
+        self.status, self.info, self.headers = status, info, headers or {}
+
+
+def error_response(status: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": info.model_dump()}, status_code=status, headers=headers)
+
+
+@app.exception_handler(ServeError)
+async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
+    return error_response(e.status, e.info, e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    return error_response(400, fmt.validation_error(e.errors()))
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(e.status_code, ErrorInfo(message=str(e.detail), type=kind), getattr(e, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, ErrorInfo(message="internal server error", type="server_error"))
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Refuse oversized bodies before reading them, and JSON bodies sent under another content type."""
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, ErrorInfo(message=f"request body over {MAX_BODY_BYTES} bytes",
+                                                  code="body_too_large"))
+        ctype = request.headers.get("content-type", "")
+        if not ctype.split(";")[0].strip().lower() == "application/json":
+            return error_response(415, ErrorInfo(message="send the body as application/json",
+                                                  code="unsupported_media_type"))
+    return await call_next(request)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, decoder: DeploymentHandle, model: str) -> None:
+        self.decoder, self.model = decoder, model
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self.decoder.info.remote(), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, BackPressureError, RayError) as e:
+            logger.warning("health check failed: %s", type(e).__name__)
+            return error_response(503, ErrorInfo(message="no decoder replica can serve", type="server_error"),
+                                  {"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ok", "model": self.model})
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "medusa-serve",
+                                            "created": 0}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        inp = self._input(body, prompt=body.prompt_text(), max_tokens=body.max_tokens)
+        return await self._respond(body, inp, fmt.completion_chunk, fmt.completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest):
+        inp = self._input(body, messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens)
+        return await self._respond(body, inp, fmt.chat_chunk, fmt.chat_completion)
+
+    @app.post("/generate")
+    async def generate(self, body: GenerateRequest) -> dict:
+        mode = "medusa" if body.mode == "medusa" else "plain"
+        inp = DecodeInput(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
+        return fmt.legacy_generate(*await self._collect(inp))
+
+    @app.post("/compare")
+    async def compare(self, body: CompareRequest) -> dict:
+        runs = {}
+        for mode in ("medusa", "plain"):  # one after the other, so neither slows the other down
+            inp = DecodeInput(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
+            runs[mode] = fmt.legacy_generate(*await self._collect(inp))
+        return fmt.legacy_compare(runs["medusa"], runs["plain"])
+
+    def _input(self, body: SamplingFields, **text) -> DecodeInput:
+        if body.model != self.model:
+            raise ServeError(404, ErrorInfo(message=f"model {body.model!r} does not exist; this server has "
+                                            f"{self.model!r}", type="not_found_error", param="model",
+                                            code="model_not_found"))
+        return DecodeInput(**text, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                           stop=body.stop_strings(), mode=body.medusa.mode, acceptance=body.medusa.acceptance,
+                           received_at=time.time())
+
+    async def _start(self, inp: DecodeInput) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:
+        """Open the decoder stream and read its first chunk, so errors become a status code before any byte."""
+        stream = self.decoder.options(stream=True).stream.remote(inp)
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        try:
+            first = await stream.__anext__()
+        except BackPressureError:
+            raise ServeError(503, ErrorInfo(message="server overloaded: the request queue is full, retry later",
+                                            type="server_error", code="queue_full"), retry) from None
+        except RayError:
+            raise ServeError(503, fmt.replica_lost(), retry) from None
+        if first.error is not None:
+            raise ServeError(first.status, first.error)
+        return first, stream
+
+    async def _collect(self, inp: DecodeInput) -> tuple[str, DecodeChunk]:
+        first, stream = await self._start(inp)
+        text, last = first.text, first
+        try:
+            async for chunk in stream:
+                if chunk.error is not None:
+                    raise ServeError(chunk.status, chunk.error)
+                text, last = text + chunk.text, chunk
+        except RayError:
+            raise ServeError(503, fmt.replica_lost(), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        return text, last
+
+    async def _respond(self, body: SamplingFields, inp: DecodeInput, chunk_fn, whole_fn):
+        rid = fmt.new_id()
+        if not body.stream:
+            return whole_fn(rid, self.model, *await self._collect(inp))
+        first, stream = await self._start(inp)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        events = fmt.sse(rid, self.model, first, stream, chunk_fn, usage)
+        return StreamingResponse(events, media_type="text/event-stream")

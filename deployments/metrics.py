@@ -1,0 +1,53 @@
+"""Custom Ray Serve metrics of the decoder replicas (shown in the Ray dashboard, exported to Prometheus).
+
+Ray prefixes custom metrics with `ray_` and adds the deployment, replica and application tags; the README lists the
+exported names. Everything is recorded from a finished request's stats, so the decode loop stays free of metrics.
+"""
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+from deployments.schemas import MedusaStats
+
+LATENCY_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+RATE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+BATCH = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
+
+
+class DecoderMetrics:
+    def __init__(self, max_depth: int) -> None:
+        tags = ("model", "mode")
+        self.requests = Counter("medusa_requests", "Finished requests.", tag_keys=(*tags, "finish_reason"))
+        self.tokens = Counter("medusa_generated_tokens", "Generated tokens.", tag_keys=tags)
+        self.steps = Counter("medusa_decode_steps", "Decode steps (verify passes).", tag_keys=tags)
+        self.accepted = Counter("medusa_accepted_tokens", "Speculated tokens accepted, by head position (1 = head 0).",
+                                tag_keys=(*tags, "head"))
+        self.accept_len = Histogram("medusa_accept_length", "Speculated tokens accepted per decode step.",
+                                    boundaries=[d + 0.5 for d in range(max_depth)], tag_keys=tags)
+        self.batch_size = Histogram("medusa_batch_size", "Requests decoded together in one batch.",
+                                    boundaries=BATCH, tag_keys=("model",))
+        self.ttft = Histogram("medusa_time_to_first_token_seconds", "Time to first token (in the replica).",
+                              boundaries=LATENCY_S, tag_keys=tags)
+        self.rate = Histogram("medusa_request_tokens_per_second", "Per-request generated tokens per second.",
+                              boundaries=RATE, tag_keys=tags)
+        self.queue_wait = Histogram("medusa_queue_wait_seconds", "From the ingress receiving a request to its "
+                                    "batch starting to decode.", boundaries=LATENCY_S, tag_keys=tags)
+
+    def record_batch(self, model: str, size: int) -> None:
+        self.batch_size.observe(size, tags={"model": model})
+
+    def record_request(self, model: str, stats: MedusaStats, finish_reason: str) -> None:
+        tags = {"model": model, "mode": stats.mode}
+        self.requests.inc(tags={**tags, "finish_reason": finish_reason})
+        for counter, n in ((self.tokens, stats.generated_tokens), (self.steps, stats.decode_steps)):
+            if n > 0:  # Ray counters refuse increments of 0
+                counter.inc(n, tags=tags)
+        for k, n in enumerate(stats.accepted_per_head):
+            if n > 0:
+                self.accepted.inc(n, tags={**tags, "head": str(k + 1)})
+        for accept_len, n in enumerate(stats.accept_len_histogram):
+            for _ in range(n):
+                self.accept_len.observe(accept_len, tags=tags)
+        self.ttft.observe(stats.time_to_first_token_s, tags=tags)
+        self.rate.observe(stats.tokens_per_second, tags=tags)
+        self.queue_wait.observe(stats.queue_wait_s, tags=tags)

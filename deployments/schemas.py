@@ -1,0 +1,166 @@
+"""HTTP schemas: the OpenAI-compatible subset we serve, the legacy /generate and /compare bodies, and the messages
+that travel between the ingress and the decoder replicas. Pure pydantic: no ray, no torch.
+
+Requests are strict (`extra="forbid"`, no type coercion, no NaN/inf) so a malformed body gets a 400 that names the
+field instead of a guess. Medusa controls ride in the optional `medusa` extension field, which the `openai` client
+sends through `extra_body`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+MAX_STOP = 4  # as OpenAI: at most four stop strings
+MAX_STOP_CHARS = 256
+MAX_PROMPT_CHARS = 200_000  # far above any context window; the decoder checks tokens exactly
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+Text = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class MedusaOptions(Strict):
+    """Extension field `medusa`: how to decode this request."""
+
+    mode: Literal["medusa", "plain"] = Field("medusa", description="medusa: tree speculation; plain: one token a step.")
+    acceptance: Literal["greedy", "typical", "lossless"] | None = Field(
+        None, description="Acceptance rule; default greedy at temperature 0, typical above it.")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, description="New tokens; default: the model config's, capped to fit.")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: StopString | list[StopString] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    user: str | None = Field(None, max_length=256)
+    medusa: MedusaOptions = MedusaOptions()
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return v
+
+    @model_validator(mode="after")
+    def _greedy_needs_zero_temperature(self) -> SamplingFields:
+        if self.medusa.acceptance == "greedy" and self.temperature > 0:
+            raise ValueError("medusa.acceptance 'greedy' needs temperature 0")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
+        description="The prompt: a string, or a list holding one string.")
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
+
+
+class GenerateRequest(Strict):
+    """The original service's /generate body. `max_length` counts new tokens; decoding is greedy."""
+
+    prompt: Text
+    max_length: int = Field(128, ge=1)
+    mode: Literal["medusa", "normal"] = "medusa"
+
+
+class CompareRequest(Strict):
+    prompt: Text
+    max_length: int = Field(128, ge=1)
+
+
+# ---- ingress -> decoder -> ingress -------------------------------------------------------------------------
+
+
+class DecodeInput(Strict):
+    """One request as the decoder sees it: text or chat messages, plus how to decode."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    mode: Literal["medusa", "plain"] = "medusa"
+    acceptance: Literal["greedy", "typical", "lossless"] | None = None
+    received_at: float = Field(description="time.time() when the ingress got the request (for queue wait).")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class MedusaStats(BaseModel):
+    """Per-request decoding statistics, returned as the `medusa` field of every response."""
+
+    mode: str
+    prompt_tokens: int
+    generated_tokens: int
+    decode_steps: int
+    mean_accepted_length: float
+    accepted_per_head: list[int]
+    accept_len_histogram: list[int]
+    time_to_first_token_s: float
+    wall_time_s: float
+    tokens_per_second: float
+    batch_size: int = Field(description="Largest number of requests decoded together with this one.")
+    queue_wait_s: float
+
+
+class DecodeChunk(BaseModel):
+    """What the decoder streams back: text gained in one step; the last chunk has finish_reason and stats."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    stats: MedusaStats | None = None
+    error: ErrorInfo | None = None
+    status: int = 200
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,88 @@
+"""Start the real Ray Serve app with `serve run` on a copy of serve_config.yaml, and talk to it over HTTP.
+
+The copy changes only what a test needs (port, autoscaling delays, queue bounds); everything else is the shipped
+file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling is observable in a test.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = "http://127.0.0.1:8265"
+FAST_METRICS = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def serve_config(port: int, decoder: dict | None = None, config: str | None = None) -> dict:
+    """serve_config.yaml with the HTTP port changed and the Decoder's settings updated from `decoder`."""
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    if config is not None:
+        app["args"]["config"] = config
+    dec = next(d for d in app["deployments"] if d["name"] == "Decoder")
+    for key, value in (decoder or {}).items():
+        dec[key] = {**dec[key], **value} if isinstance(value, dict) and key in dec else value
+    return cfg
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True,
+                       env={**os.environ, **FAST_METRICS}, timeout=120)
+
+    def decoder_replicas(self) -> dict[str, int]:
+        """Replica count per state of the Decoder deployment, from the dashboard's Serve API."""
+        apps = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]
+        replicas = apps["medusa"]["deployments"]["Decoder"]["replicas"]
+        states: dict[str, int] = {}
+        for r in replicas:
+            states[r["state"]] = states.get(r["state"], 0) + 1
+        return states
+
+
+def start_server(cfg: dict, workdir: Path, timeout_s: float = 300) -> Server:
+    path = workdir / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = workdir / "serve.log"
+    serve = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen([str(serve), "run", str(path)], cwd=REPO, env={**os.environ, **FAST_METRICS},
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{cfg['http_options']['port']}", process, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve run exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")

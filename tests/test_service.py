@@ -1,0 +1,224 @@
+"""The real Ray Serve app (serve_config.yaml, embedded model) over HTTP on 127.0.0.1.
+
+One server for the module: `serve run` on a copy of serve_config.yaml with a test port, a small request queue and
+short autoscaling delays. Tests run in file order; autoscaling comes last because it adds a replica.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serve_harness import REPO, serve_config, start_server
+
+pytestmark = pytest.mark.ray
+PORT = 8123
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit is", "1, 1, 2, 3, 5,",
+           "Water boils at", "The opposite of hot is", "import os\nimport", "Roses are red,"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = serve_config(PORT, decoder={
+        "max_queued_requests": 4,
+        "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
+        "graceful_shutdown_timeout_s": 30,
+    })
+    s = start_server(cfg, tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+def post(server, path: str, body: dict, timeout: float = 300) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=timeout)
+
+
+def complete(server, prompt: str, max_tokens: int, **extra) -> dict:
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                         "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completion_greedy_equals_cli(server):
+    prompt = "The capital of France is"
+    body = complete(server, prompt, 24)
+    cli = subprocess.run([sys.executable, "-m", "medusa_core", "generate", "--prompt", prompt, "--max-tokens", "24",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    want = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert body["choices"][0]["text"] == want["text"]
+    assert body["usage"]["prompt_tokens"] == want["stats"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == want["stats"]["generated_tokens"]
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    stats = body["medusa"]
+    assert stats["mode"] == "medusa" and stats["decode_steps"] >= 1 and stats["mean_accepted_length"] >= 1
+    assert stats["time_to_first_token_s"] > 0 and stats["tokens_per_second"] > 0
+
+
+def test_plain_mode_gives_the_same_greedy_text(server):
+    medusa = complete(server, "Water boils at", 20)
+    plain = complete(server, "Water boils at", 20, medusa={"mode": "plain"})
+    assert plain["choices"][0]["text"] == medusa["choices"][0]["text"]
+    assert plain["medusa"]["mode"] == "plain" and plain["medusa"]["mean_accepted_length"] == 1.0
+
+
+def read_sse(response: httpx.Response) -> list[dict | str]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_chat_stream_equals_chat(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 20,
+            "temperature": 0}
+    whole = post(server, "/v1/chat/completions", body).json()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=300,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"] and text
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-2]["usage"] == whole["usage"]
+
+
+def test_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    c = client.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=16, temperature=0)
+    streamed = client.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=16, temperature=0,
+                                         stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == c.choices[0].text
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                          extra_body={"medusa": {"mode": "plain"}})
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                              stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == chat.choices[0].message.content
+    assert chat.usage.completion_tokens > 0
+
+
+def test_generate_and_compare(server):
+    medusa = post(server, "/generate", {"prompt": "My favourite fruit is", "max_length": 20}).json()
+    normal = post(server, "/generate", {"prompt": "My favourite fruit is", "max_length": 20, "mode": "normal"}).json()
+    assert medusa["text"] == normal["text"] and medusa["tokens_generated"] == normal["tokens_generated"] > 0
+    assert normal["acceptance_rate"] == 0.0 and 0 <= medusa["acceptance_rate"] <= 1
+    assert medusa["generation_time"] > 0 and medusa["tokens_per_second"] > 0
+    both = post(server, "/compare", {"prompt": "My favourite fruit is", "max_length": 20}).json()
+    assert both["medusa"]["text"] == both["normal"]["text"] == medusa["text"]
+    assert both["speedup"] == pytest.approx(both["medusa"]["tokens_per_second"] / both["normal"]["tokens_per_second"])
+
+
+def test_concurrent_requests_are_batched_and_equal_alone(server):
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: complete(server, p, 24), PROMPTS))
+    assert max(b["medusa"]["batch_size"] for b in together) > 1, [b["medusa"]["batch_size"] for b in together]
+    for prompt, b in zip(PROMPTS, together):
+        alone = complete(server, prompt, 24)
+        assert alone["choices"][0]["text"] == b["choices"][0]["text"], prompt
+
+
+BAD = [
+    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "bogus": 1}, 400, "bogus"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hello " * 3000}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "medusa": {"mode": "fast"}}, 400, "medusa.mode"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("/generate", {"prompt": "hi", "max_length": -1}, 400, "max_length"),
+    ("/generate", {"prompt": "hi", "mode": "turbo"}, 400, "mode"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_openai_error(server, path, body, status, param):
+    if isinstance(body, str):
+        r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+    else:
+        r = post(server, path, body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert (error["param"] or "").startswith(param), error
+
+
+def test_server_still_serves_after_bad_input(server):
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
+
+
+def test_full_queue_answers_503_and_admitted_requests_finish(server):
+    def send(i: int) -> httpx.Response:
+        return post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[i % 8], "max_tokens": 16,
+                                                "temperature": 0})
+    with ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(send, range(40)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 8, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
+    assert all(r.json()["usage"]["completion_tokens"] == 16 for r in responses if r.status_code == 200)
+
+
+def test_disconnect_stops_decoding(server):
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300,
+                      json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 1500,
+                            "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # The batch queue admits a new batch only when the current one ends: had the abandoned request kept
+    # decoding its 1500 tokens (over a minute here), this request would wait that long.
+    time.sleep(1)
+    after = complete(server, "Hello", 4)
+    assert after["medusa"]["queue_wait_s"] < 15, after["medusa"]
+
+
+def wait_for_one_replica(server, timeout_s: float = 120) -> dict[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while (states := server.decoder_replicas()) != {"RUNNING": 1} and time.monotonic() < deadline:
+        time.sleep(1)
+    return states
+
+
+def test_autoscaling_up_under_load_and_back_down(server):
+    assert wait_for_one_replica(server) == {"RUNNING": 1}, "earlier tests' load did not drain"
+    stop_at = time.monotonic() + 120
+    peak = 0
+    with ThreadPoolExecutor(8) as pool:
+        while time.monotonic() < stop_at and peak < 2:
+            batch = [pool.submit(complete, server, p, 24) for p in PROMPTS]
+            while not all(f.done() for f in batch):
+                peak = max(peak, server.decoder_replicas().get("RUNNING", 0))
+                time.sleep(0.5)
+    assert peak >= 2, "sustained load did not add a replica"
+    assert wait_for_one_replica(server) == {"RUNNING": 1}, "replicas did not come back down after the load"
