@@ -95,6 +95,10 @@ class MedusaGenerator:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def default_max_tokens(self, n_prompt: int) -> int:
+        """The config's max_new_tokens, capped to what the context window leaves after the prompt (at least 1)."""
+        return max(1, min(self.config.decoding.max_new_tokens, self.backend.context_length - n_prompt))
+
     def check(self, request: TextRequest) -> None:
         """Raise RequestError if the request cannot fit the context window."""
         n, ctx = len(request.prompt_ids), self.backend.context_length
