@@ -1,11 +1,11 @@
-"""Shared fixtures: a tiny random Llama built here, the embedded SmolLM2 model, and test drafters (oracle heads)."""
+"""Shared fixtures: a tiny random Llama built here and the embedded SmolLM2 model; re-exports the oracle drafter."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-from torch import Tensor
+from medusa_core.oracle import OracleDrafter  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
@@ -43,27 +43,3 @@ def embedded_generator():
     from medusa_core.generator import load_generator
 
     return load_generator(load_config(DEFAULT_CONFIG))
-
-
-class OracleDrafter:
-    """Heads that know the true continuation: head k's top-1 is right while k < correct_depth, and wrong after.
-
-    Other ranks are filler tokens that are never the truth, so acceptance follows rank 0 exactly.
-    """
-
-    def __init__(self, references: dict[tuple[int, ...], list[int]], num_heads: int, vocab: int,
-                 correct_depth: int | None = None):
-        self.references, self.num_heads, self.vocab = references, num_heads, vocab
-        self.correct_depth = num_heads if correct_depth is None else correct_depth
-
-    def draft(self, hidden: Tensor, history: list[list[int]], top_k: int, shared_lm_head) -> Tensor:
-        out = torch.empty(len(history), self.num_heads, top_k, dtype=torch.long)
-        for b, h in enumerate(history):
-            prompt = next(p for p in self.references if tuple(h[: len(p)]) == p)
-            done = len(h) - len(prompt)  # tokens emitted so far; head k predicts emitted[done + k]
-            truth = self.references[prompt]
-            for k in range(self.num_heads):
-                t = truth[done + k] if done + k < len(truth) else 0
-                fillers = [(t + 1 + r) % self.vocab for r in range(top_k)]
-                out[b, k] = torch.tensor(fillers if k >= self.correct_depth else [t] + fillers[:-1])
-        return out
