@@ -26,12 +26,14 @@ from medusa_core.sampling import SamplingParams
 logger = logging.getLogger("ray.serve")
 
 
-class BatchConfig(BaseModel):
+class DecoderOptions(BaseModel):
     """The decoder's `user_config` in serve_config.yaml, applied live by `reconfigure()`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="How long a batch waits to fill up.")
+    request_timeout_s: float = Field(300, gt=0, description="A request still decoding this long after the ingress "
+                                     "received it ends with a 504 error.")
 
 
 @dataclass
@@ -40,7 +42,9 @@ class Job:
 
     request: TextRequest
     received_at: float
+    deadline: float
     cancelled: bool = False
+    timed_out: bool = False
     batch_size: int = 0
     queue_wait_s: float = 0.0
 
@@ -58,7 +62,18 @@ def to_text_request(generator: MedusaGenerator, inp: DecodeInput) -> TextRequest
     return request
 
 
+def should_stop(job: Job) -> bool:
+    """Read by the decode thread before each step: the caller left, or the request ran out of time."""
+    if not job.cancelled and time.time() > job.deadline:
+        job.timed_out = True
+    return job.cancelled or job.timed_out
+
+
 def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
+    if job.timed_out and delta.finish_reason == "cancelled":
+        limit = job.deadline - job.received_at
+        return DecodeChunk(error=ErrorInfo(message=f"request timed out after {limit:g} s", type="timeout_error",
+                                           code="timeout"), status=504, finish_reason="timeout")
     stats = None
     if delta.stats is not None:
         s = delta.stats
@@ -79,7 +94,7 @@ async def decode_batch(generator: MedusaGenerator, jobs: list[Job], metrics: Dec
     for job in jobs:
         job.batch_size, job.queue_wait_s = len(jobs), max(0.0, start - job.received_at)
     metrics.record_batch(generator.config.name, len(jobs))
-    steps = generator.stream([j.request for j in jobs], lambda i: jobs[i].cancelled)
+    steps = generator.stream([j.request for j in jobs], lambda i: should_stop(jobs[i]))
     while (deltas := await asyncio.to_thread(next, steps, None)) is not None:
         out: list[DecodeChunk | type[StopIteration]] = [StopIteration] * len(jobs)
         for d in deltas:
@@ -95,11 +110,12 @@ class Decoder:
         self.generator = load_generator(load_config(resolve_repo_path(config)))
         self.metrics = DecoderMetrics(self.generator.tree.max_depth)
         self.failed: str | None = None  # set when a batch raised; check_health then reports the replica broken
+        self.options = DecoderOptions()
 
     def reconfigure(self, user_config: dict) -> None:
-        batch = BatchConfig.model_validate(user_config)
-        self.decode_batch.set_max_batch_size(batch.max_batch_size)
-        self.decode_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+        self.options = DecoderOptions.model_validate(user_config)
+        self.decode_batch.set_max_batch_size(self.options.max_batch_size)
+        self.decode_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
 
     def check_health(self) -> None:
         if self.failed is not None:
@@ -110,10 +126,11 @@ class Decoder:
 
     async def stream(self, inp: DecodeInput) -> AsyncIterator[DecodeChunk]:
         try:
-            job = Job(to_text_request(self.generator, inp), inp.received_at)
+            request = to_text_request(self.generator, inp)
         except RequestError as e:
             yield DecodeChunk(error=ErrorInfo(message=str(e), param=e.param), status=400)
             return
+        job = Job(request, inp.received_at, inp.received_at + self.options.request_timeout_s)
         try:
             async for chunk in self.decode_batch(job):
                 yield chunk

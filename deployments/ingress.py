@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from deployments import openai_format as fmt
+from deployments.guards import BodyGuard
 from deployments.schemas import (ChatRequest, CompareRequest, CompletionRequest, DecodeChunk, DecodeInput,
                                  ErrorInfo, GenerateRequest, SamplingFields)
 
@@ -63,19 +64,11 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     return error_response(500, ErrorInfo(message="internal server error", type="server_error"))
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """Refuse oversized bodies before reading them, and JSON bodies sent under another content type."""
-    if request.method == "POST":
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, ErrorInfo(message=f"request body over {MAX_BODY_BYTES} bytes",
-                                                  code="body_too_large"))
-        ctype = request.headers.get("content-type", "")
-        if not ctype.split(";")[0].strip().lower() == "application/json":
-            return error_response(415, ErrorInfo(message="send the body as application/json",
-                                                  code="unsupported_media_type"))
-    return await call_next(request)
+def _reject(status: int, message: str, code: str) -> JSONResponse:
+    return error_response(status, ErrorInfo(message=message, code=code))
+
+
+app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, reject=_reject)
 
 
 @serve.deployment

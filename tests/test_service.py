@@ -133,8 +133,15 @@ def test_concurrent_requests_are_batched_and_equal_alone(server):
         assert alone["choices"][0]["text"] == b["choices"][0]["text"], prompt
 
 
+M = MODEL.encode()
 BAD = [
-    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b'{"model": "' + M + b'", "prompt": "a", "prompt": "b"}', 400, None),
+    ("/v1/completions", b'{"model": "' + M + b'", "prompt": "a", "temperature": NaN}', 400, None),
+    ("/v1/completions", b'{"model": "' + M + b'", "prompt": "\xff\xfe"}', 400, None),
+    ("/v1/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),
+    ("/v1/completions", b'{"model": "' + M + b'", "prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
+    ("/v1/completions", b"", 400, None),
     ("/v1/completions", {"prompt": "hi"}, 400, "model"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "bogus": 1}, 400, "bogus"),
@@ -160,7 +167,7 @@ BAD = [
 
 @pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
 def test_bad_input_gets_openai_error(server, path, body, status, param):
-    if isinstance(body, str):
+    if isinstance(body, bytes):
         r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
     else:
         r = post(server, path, body, timeout=60)
@@ -169,6 +176,12 @@ def test_bad_input_gets_openai_error(server, path, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param is not None:
         assert (error["param"] or "").startswith(param), error
+
+
+def test_wrong_content_type_gets_415(server):
+    r = httpx.post(f"{server.url}/v1/completions", content=json.dumps({"model": MODEL, "prompt": "hi"}),
+                   headers={"content-type": "text/plain"}, timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_server_still_serves_after_bad_input(server):
