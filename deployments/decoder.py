@@ -57,7 +57,7 @@ def to_text_request(generator: MedusaGenerator, inp: DecodeInput) -> TextRequest
         ids = generator.encode(inp.prompt or "")
     max_tokens = inp.max_tokens or generator.default_max_tokens(len(ids))
     sampling = SamplingParams(inp.temperature, inp.top_p, inp.seed, inp.acceptance)
-    request = TextRequest(tuple(ids), max_tokens, sampling, inp.mode, inp.stop)
+    request = TextRequest(tuple(ids), max_tokens, sampling, inp.mode, inp.stop, inp.ignore_eos)
     generator.check(request)
     return request
 
@@ -130,7 +130,8 @@ class Decoder:
         except RequestError as e:
             yield DecodeChunk(error=ErrorInfo(message=str(e), param=e.param), status=400)
             return
-        job = Job(request, inp.received_at, inp.received_at + self.options.request_timeout_s)
+        limit = min(inp.timeout_s or self.options.request_timeout_s, self.options.request_timeout_s)
+        job = Job(request, inp.received_at, inp.received_at + limit)
         try:
             async for chunk in self.decode_batch(job):
                 yield chunk

@@ -123,6 +123,7 @@ class Ingress:
                                             code="model_not_found"))
         return DecodeInput(**text, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                            stop=body.stop_strings(), mode=body.medusa.mode, acceptance=body.medusa.acceptance,
+                           ignore_eos=body.medusa.ignore_eos, timeout_s=body.medusa.timeout_s,
                            received_at=time.time())
 
     async def _start(self, inp: DecodeInput) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:

@@ -30,6 +30,9 @@ class MedusaOptions(Strict):
     mode: Literal["medusa", "plain"] = Field("medusa", description="medusa: tree speculation; plain: one token a step.")
     acceptance: Literal["greedy", "typical", "lossless"] | None = Field(
         None, description="Acceptance rule; default greedy at temperature 0, typical above it.")
+    ignore_eos: bool = Field(False, description="Decode max_tokens tokens even past the end-of-sequence token.")
+    timeout_s: float | None = Field(None, gt=0, description="End the request with a 504 after this many seconds "
+                                    "(the server's request_timeout_s caps it).")
 
 
 class StreamOptions(Strict):
@@ -115,6 +118,8 @@ class DecodeInput(Strict):
     stop: tuple[str, ...] = ()
     mode: Literal["medusa", "plain"] = "medusa"
     acceptance: Literal["greedy", "typical", "lossless"] | None = None
+    ignore_eos: bool = False
+    timeout_s: float | None = None
     received_at: float = Field(description="time.time() when the ingress got the request (for queue wait).")
 
 

@@ -43,3 +43,19 @@ def embedded_generator():
     from medusa_core.generator import load_generator
 
     return load_generator(load_config(DEFAULT_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The real app: `serve run` on serve_config.yaml with a test port, a small queue and short autoscaling delays;
+    shared by the service and reliability tests (one Ray cluster start)."""
+    from serve_harness import serve_config, start_server
+
+    cfg = serve_config(8123, decoder={
+        "max_queued_requests": 4,
+        "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
+        "graceful_shutdown_timeout_s": 30,
+    })
+    s = start_server(cfg, tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()

@@ -18,6 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = "http://127.0.0.1:8265"
+MODEL = "smollm2-135m-instruct"
 FAST_METRICS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
@@ -64,6 +65,29 @@ class Server:
         for r in replicas:
             states[r["state"]] = states.get(r["state"], 0) + 1
         return states
+
+    def decoder_pids(self) -> list[int]:
+        apps = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]
+        return [r["pid"] for r in apps["medusa"]["deployments"]["Decoder"]["replicas"] if r["state"] == "RUNNING"]
+
+    def wait_for_replicas(self, want: dict[str, int], timeout_s: float = 120) -> dict[str, int]:
+        """Poll until the Decoder's replica states equal `want` (or time runs out); return the last states."""
+        deadline = time.monotonic() + timeout_s
+        while (states := self.decoder_replicas()) != want and time.monotonic() < deadline:
+            time.sleep(1)
+        return states
+
+
+def post(server: Server, path: str, body: dict, timeout: float = 300) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=timeout)
+
+
+def complete(server: Server, prompt: str, max_tokens: int, **extra) -> dict:
+    """A greedy completion that must succeed; returns the response body."""
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                         "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def start_server(cfg: dict, workdir: Path, timeout_s: float = 300) -> Server:

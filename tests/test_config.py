@@ -63,7 +63,7 @@ LLAMACPP = GOOD.replace("base_model: {source: {path: somewhere}}",
 def test_llamacpp_settings(tmp_path):
     cfg = load_config(write(tmp_path, LLAMACPP))
     s = cfg.base_model.llamacpp
-    assert (s.n_ctx, s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (1024, 2, 64, 4, "f32", False)
+    assert (s.n_ctx, s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (1024, 2, 64, 4, "f32", True)
 
 
 @pytest.mark.parametrize("change, field", [

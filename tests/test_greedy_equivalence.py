@@ -1,13 +1,15 @@
 """The contract on the embedded model (fp32, CPU): greedy Medusa == our plain greedy == transformers generate.
 
-Five prompts x 64 new tokens (EOS ignored), decoded as one batch, for random heads, oracle heads and heads that are
-right only to depth j, on three trees including the reference mc_sim_7b_63. A divergence passes only when it is a
+Five prompts x 64 new tokens (EOS ignored), decoded as one batch, for seeded random heads, the shipped trained heads
+(the embedded config's drafter), oracle heads and heads that are right only to depth j, on three trees including the
+reference mc_sim_7b_63. A divergence passes only when it is a
 near-tie (top-2 logit gap < 1e-3) of the reference; the count of such cases is printed.
 """
 import pytest
 
 from conftest import PROMPTS, OracleDrafter
 from equivalence import assert_same_or_near_tie, hf_generate, run_decode
+from medusa_core.heads import random_heads
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
 
@@ -31,11 +33,13 @@ def test_plain_equals_transformers_generate(setup):
 
 
 @pytest.mark.parametrize("tree_name", TREES)
-@pytest.mark.parametrize("heads", ["random", "oracle", "oracle_to_depth_1", "oracle_to_depth_2"])
+@pytest.mark.parametrize("heads", ["random", "trained", "oracle", "oracle_to_depth_1", "oracle_to_depth_2"])
 def test_medusa_equals_plain(setup, tree_name, heads):
     gen, prompts, plain = setup
     tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
-    if heads == "random":
+    if heads == "random":  # built here: the embedded config ships trained heads
+        drafter = random_heads(4, gen.backend.hidden_size, seed=0, scale=0.02, dtype=gen.backend.dtype)
+    elif heads == "trained":
         drafter = gen.drafter
     else:
         depth = None if heads == "oracle" else int(heads[-1])

@@ -1,7 +1,6 @@
-"""The real Ray Serve app (serve_config.yaml, embedded model) over HTTP on 127.0.0.1.
-
-One server for the module: `serve run` on a copy of serve_config.yaml with a test port, a small request queue and
-short autoscaling delays. Tests run in file order; autoscaling comes last because it adds a replica.
+"""The real Ray Serve app (serve_config.yaml, embedded model) over HTTP on 127.0.0.1: the API, batching, errors,
+autoscaling. The `server` fixture (conftest.py) is one `serve run` for the session; autoscaling comes last here
+because it adds a replica.
 """
 from __future__ import annotations
 
@@ -14,36 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_harness import REPO, serve_config, start_server
+from serve_harness import MODEL, REPO, complete, post
 
 pytestmark = pytest.mark.ray
-PORT = 8123
-MODEL = "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit is", "1, 1, 2, 3, 5,",
            "Water boils at", "The opposite of hot is", "import os\nimport", "Roses are red,"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cfg = serve_config(PORT, decoder={
-        "max_queued_requests": 4,
-        "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
-        "graceful_shutdown_timeout_s": 30,
-    })
-    s = start_server(cfg, tmp_path_factory.mktemp("serve"))
-    yield s
-    s.stop()
-
-
-def post(server, path: str, body: dict, timeout: float = 300) -> httpx.Response:
-    return httpx.post(f"{server.url}{path}", json=body, timeout=timeout)
-
-
-def complete(server, prompt: str, max_tokens: int, **extra) -> dict:
-    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                                         "temperature": 0, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_completion_greedy_equals_cli(server):
@@ -189,42 +163,8 @@ def test_server_still_serves_after_bad_input(server):
     assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
 
 
-def test_full_queue_answers_503_and_admitted_requests_finish(server):
-    def send(i: int) -> httpx.Response:
-        return post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[i % 8], "max_tokens": 16,
-                                                "temperature": 0})
-    with ThreadPoolExecutor(40) as pool:
-        responses = list(pool.map(send, range(40)))
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 1 and codes.count(200) >= 8, codes
-    busy = next(r for r in responses if r.status_code == 503)
-    assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
-    assert all(r.json()["usage"]["completion_tokens"] == 16 for r in responses if r.status_code == 200)
-
-
-def test_disconnect_stops_decoding(server):
-    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300,
-                      json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 1500,
-                            "temperature": 0, "stream": True}) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-    # The batch queue admits a new batch only when the current one ends: had the abandoned request kept
-    # decoding its 1500 tokens (over a minute here), this request would wait that long.
-    time.sleep(1)
-    after = complete(server, "Hello", 4)
-    assert after["medusa"]["queue_wait_s"] < 15, after["medusa"]
-
-
-def wait_for_one_replica(server, timeout_s: float = 120) -> dict[str, int]:
-    deadline = time.monotonic() + timeout_s
-    while (states := server.decoder_replicas()) != {"RUNNING": 1} and time.monotonic() < deadline:
-        time.sleep(1)
-    return states
-
-
 def test_autoscaling_up_under_load_and_back_down(server):
-    assert wait_for_one_replica(server) == {"RUNNING": 1}, "earlier tests' load did not drain"
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}, "earlier tests' load did not drain"
     stop_at = time.monotonic() + 120
     peak = 0
     with ThreadPoolExecutor(8) as pool:
@@ -234,4 +174,4 @@ def test_autoscaling_up_under_load_and_back_down(server):
                 peak = max(peak, server.decoder_replicas().get("RUNNING", 0))
                 time.sleep(0.5)
     assert peak >= 2, "sustained load did not add a replica"
-    assert wait_for_one_replica(server) == {"RUNNING": 1}, "replicas did not come back down after the load"
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}, "replicas did not come back down after the load"
