@@ -43,9 +43,13 @@ class LlamaCppConfig(Strict):
     n_ctx: int = Field(4096, gt=0, description="KV cells shared by all rows of a batch (prompts + outputs + tree).")
     n_threads: int | None = Field(None, gt=0, description="CPU threads for llama_decode; default: all cores.")
     n_batch: int = Field(512, gt=0, description="Most tokens in one llama_decode; rows x tree nodes must fit.")
+    n_ubatch: int = Field(63, gt=0, description="Tokens per llama.cpp compute pass (one llama_decode may run several). "
+                          "At 64 and more its CPU matmul changes kernel and the float sums of a tree pass no longer "
+                          "equal the sequential pass.")
     n_seq_max: int = Field(64, gt=0, le=256, description="llama.cpp sequences; B rows with a P-leaf tree use B*P.")
-    kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type; f32 keeps tree == sequential.")
-    flash_attn: bool = Field(False, description="Flash attention (reorders sums: off keeps tree == sequential).")
+    kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type.")
+    flash_attn: bool = Field(True, description="Flash attention: each query row is computed alone, so a tree pass "
+                             "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
 
 
 class BaseModelConfig(Strict):
