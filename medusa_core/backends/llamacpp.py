@@ -28,8 +28,9 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ GGML_TYPE = {"f32": 0, "f16": 1}
 GGML_LOG_WARN, GGML_LOG_CONT = 3, 5  # ggml_log_level (llama_cpp._logger maps an older numbering)
 
 
-def _make_log_callback():
-    """A llama.cpp log callback that prints warnings and errors only (its load log is hundreds of INFO lines)."""
+def set_llama_log(sink: Callable[[str], None] | None = None) -> None:
+    """Route llama.cpp's log: warnings and errors to stderr (its load log is hundreds of INFO lines), and every
+    line to `sink` if given. Process-wide in llama.cpp; the callback is kept alive in _LOG_CALLBACKS."""
     import sys
 
     import llama_cpp as lc
@@ -53,13 +55,18 @@ def _make_log_callback():
 
     def log(level: int, text: bytes, _data) -> None:
         last[0] = last[0] if level == GGML_LOG_CONT else level
+        line = text.decode(errors="replace")
         if last[0] >= GGML_LOG_WARN:
-            print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
+            print(line, end="", file=sys.stderr, flush=True)
+        if sink is not None:
+            sink(line)
 
-    return lc.llama_log_callback(log)
+    callback = lc.llama_log_callback(log)
+    _LOG_CALLBACKS.append(callback)
+    lc.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-_LOG_CALLBACK = None
+_LOG_CALLBACKS: list = []  # ctypes callbacks handed to llama.cpp must outlive it
 
 
 @dataclass
@@ -76,10 +83,8 @@ class LlamaCppBackend:
     def __init__(self, gguf_path: Path, settings: LlamaCppConfig, tokenizer, context_length: int | None = None):
         import llama_cpp as lc
 
-        global _LOG_CALLBACK
-        if _LOG_CALLBACK is None:  # process-wide in llama.cpp; kept alive here for as long as the process runs
-            _LOG_CALLBACK = _make_log_callback()
-            lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        if not _LOG_CALLBACKS:
+            set_llama_log()
         self.lc, self.settings, self.tokenizer, self.gguf_path = lc, settings, tokenizer, gguf_path
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
@@ -101,7 +106,6 @@ class LlamaCppBackend:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(t for t in eos if t >= 0))
         self.device, self.dtype = torch.device("cpu"), torch.float32
-        self.output_weight = read_output_weight(gguf_path)  # [V, H] for the heads' shared lm_head
         self.epoch = 0
         self.trash_seq = settings.n_seq_max - 1  # holds cells that no row may reuse until the next prefill
 
@@ -141,6 +145,11 @@ class LlamaCppBackend:
             lc.llama_free(self.ctx)
         if getattr(self, "model", None):
             lc.llama_model_free(self.model)
+
+    @cached_property
+    def output_weight(self) -> Tensor:
+        """[V, H] fp32 for the heads' shared lm_head, dequantized from the GGUF on first use (slow for K-quants)."""
+        return read_output_weight(self.gguf_path)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
         return hidden.float() @ self.output_weight.T  # [..., H] -> [..., V]
@@ -259,7 +268,7 @@ def read_output_weight(gguf_path: Path) -> Tensor:
     tensors = {t.name: t for t in reader.tensors}
     t = tensors.get("output.weight") or tensors["token_embd.weight"]
     w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy [V, H]
-    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy of the memory-mapped file
 
 
 def load_gguf_tokenizer(gguf_path: Path, cache_root: Path):
