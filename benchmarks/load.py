@@ -2,7 +2,7 @@
 
     python benchmarks/load.py --url http://127.0.0.1:8000 [--concurrency 1 2 4 8 16] [--requests-per-level 16]
 
-Each level keeps `c` streaming chat requests in flight (greedy, the same max_tokens; generated tokens are counted
+Each level keeps `c` streaming chat requests in flight (greedy, max_tokens each with EOS ignored; tokens are counted
 from `usage`) and measures aggregate tokens/s, p50/p99 request latency and p50 time to first token as the
 client sees them. Both modes run at every level, side by side, so their ratio comes from one run.
 """
@@ -45,7 +45,8 @@ class Level:
 def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int, mode: str
                 ) -> tuple[Sample, int]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "medusa": {"mode": mode}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "medusa": {"mode": mode, "ignore_eos": True}}
     start = time.perf_counter()
     ttft, tokens, batch = None, 0, 1
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:

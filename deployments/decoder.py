@@ -95,10 +95,17 @@ async def decode_batch(generator: MedusaGenerator, jobs: list[Job], metrics: Dec
         job.batch_size, job.queue_wait_s = len(jobs), max(0.0, start - job.received_at)
     metrics.record_batch(generator.config.name, len(jobs))
     steps = generator.stream([j.request for j in jobs], lambda i: should_stop(jobs[i]))
+    ended: set[int] = set()
     while (deltas := await asyncio.to_thread(next, steps, None)) is not None:
-        out: list[DecodeChunk | type[StopIteration]] = [StopIteration] * len(jobs)
+        # Ray wants one result per job each time: an empty chunk for a job without news this time (a yield that
+        # only reports another job's cancellation), StopIteration for one that has ended.
+        out: list[DecodeChunk | type[StopIteration]] = [
+            StopIteration if i in ended else DecodeChunk(prompt_tokens=len(j.request.prompt_ids))
+            for i, j in enumerate(jobs)]
         for d in deltas:
             out[d.request] = chunk = to_chunk(d, jobs[d.request])
+            if chunk.finish_reason is not None:
+                ended.add(d.request)
             if chunk.stats is not None:
                 metrics.record_request(generator.config.name, chunk.stats, chunk.finish_reason or "")
         yield out

@@ -55,6 +55,8 @@ def server(tmp_path_factory):
         "max_queued_requests": 4,
         "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
         "graceful_shutdown_timeout_s": 30,
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 5,
     })
     s = start_server(cfg, tmp_path_factory.mktemp("serve"))
     yield s

@@ -5,6 +5,7 @@ file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling 
 """
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -31,11 +32,15 @@ def serve_config(port: int, decoder: dict | None = None, config: str | None = No
     """serve_config.yaml with the HTTP port changed and the Decoder's settings updated from `decoder`."""
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
-    app = cfg["applications"][0]
     if config is not None:
-        app["args"]["config"] = config
-    dec = next(d for d in app["deployments"] if d["name"] == "Decoder")
-    for key, value in (decoder or {}).items():
+        cfg["applications"][0]["args"]["config"] = config
+    return _with_decoder(cfg, decoder or {})
+
+
+def _with_decoder(cfg: dict, decoder: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    dec = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Decoder")
+    for key, value in decoder.items():
         dec[key] = {**dec[key], **value} if isinstance(value, dict) and key in dec else value
     return cfg
 
@@ -45,17 +50,34 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    config: dict
+
+    def redeploy(self, decoder: dict) -> None:
+        """`serve deploy` this server's config with the Decoder's settings updated; wait until it is running."""
+        cfg = _with_decoder(self.config, decoder)
+        path = self.log.with_name("redeploy.yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        serve = Path(sys.executable).parent / "serve"
+        subprocess.run([str(serve), "deploy", str(path), "-a", DASHBOARD], check=True, cwd=REPO, timeout=120,
+                       env={**os.environ, **FAST_METRICS}, capture_output=True)
+        time.sleep(2)  # let the controller pick the new config up before reading its status
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            app = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]["medusa"]
+            if app["status"] == "RUNNING" and app["deployments"]["Decoder"]["status"] == "HEALTHY":
+                return
+            time.sleep(0.5)
+        raise RuntimeError("redeploy did not finish")
 
     def stop(self) -> None:
+        """Ctrl-C `serve run`: it shuts Serve down and, having started the local Ray cluster, stops it too."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(60)
+                self.process.wait(120)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True,
-                       env={**os.environ, **FAST_METRICS}, timeout=120)
 
     def decoder_replicas(self) -> dict[str, int]:
         """Replica count per state of the Decoder deployment, from the dashboard's Serve API."""
@@ -97,7 +119,7 @@ def start_server(cfg: dict, workdir: Path, timeout_s: float = 300) -> Server:
     serve = Path(sys.executable).parent / "serve"
     process = subprocess.Popen([str(serve), "run", str(path)], cwd=REPO, env={**os.environ, **FAST_METRICS},
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{cfg['http_options']['port']}", process, log)
+    server = Server(f"http://127.0.0.1:{cfg['http_options']['port']}", process, log, cfg)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -5,6 +5,7 @@ Every HTTP call has a client timeout, so a hung request fails the test instead o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -139,6 +140,26 @@ def test_replica_kill_recovers(server):
     assert set(codes) <= {200, 500, 503} and max(t for _, t, _ in load.results) < CLIENT_TIMEOUT_S
     assert 503 in health, "/health never said the decoder was gone"
     assert pid not in server.decoder_pids()
+
+
+def test_unresponsive_replica_is_replaced(server):
+    """A decoder that stops answering (SIGSTOP: a wedged native call looks the same) fails Ray's health check and is
+    replaced; meanwhile /health says 503."""
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
+    pid = server.decoder_pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+        while pid in server.decoder_pids() and time.monotonic() - stopped < 120:
+            time.sleep(1)
+        assert pid not in server.decoder_pids(), "the unresponsive replica was not replaced"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Ray usually killed it already
+            os.kill(pid, signal.SIGCONT)
+    assert server.wait_for_replicas({"RUNNING": 1}, timeout_s=180) == {"RUNNING": 1}
+    assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
+    print(f"unresponsive replica replaced and serving after {time.monotonic() - stopped:.0f} s")
 
 
 def test_schemathesis_negative_fuzz(server):

@@ -163,6 +163,19 @@ def test_server_still_serves_after_bad_input(server):
     assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
 
 
+def test_batch_knobs_apply_live_through_user_config(server):
+    """`serve deploy` with a new user_config reconfigures the running replicas (same pids, no restart)."""
+    pids = server.decoder_pids()
+    server.redeploy({"user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.05}})
+    with ThreadPoolExecutor(4) as pool:
+        sizes = [b["medusa"]["batch_size"] for b in pool.map(lambda p: complete(server, p, 8), PROMPTS[:4])]
+    assert sizes == [1, 1, 1, 1]
+    server.redeploy({})
+    with ThreadPoolExecutor(4) as pool:
+        sizes = [b["medusa"]["batch_size"] for b in pool.map(lambda p: complete(server, p, 8), PROMPTS[:4])]
+    assert max(sizes) > 1 and set(server.decoder_pids()) & set(pids)
+
+
 def test_autoscaling_up_under_load_and_back_down(server):
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}, "earlier tests' load did not drain"
     stop_at = time.monotonic() + 120
