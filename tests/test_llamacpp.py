@@ -163,3 +163,14 @@ def test_generator_text(gen):
     medusa, plain = gen.generate([TextRequest(ids, 12), TextRequest(ids, 12, mode="plain")])
     assert medusa.token_ids == plain.token_ids and medusa.text.strip(), medusa.text
     assert medusa.stats.decode_steps <= plain.stats.decode_steps
+
+
+def test_head_vocab_restricts_the_heads(gen):
+    from medusa_core.backends.llamacpp import LlamaCppBackend
+
+    be = gen.backend
+    small = LlamaCppBackend(be.gguf_path, be.settings.model_copy(update={"head_vocab": 8192}), tokenizer=None)
+    hidden = be.prefill([gen.encode("The capital of France is")])[0].hidden[0]  # [1, H]
+    full, cut = be.lm_head(hidden), small.lm_head(hidden)  # [1, V]
+    assert cut.shape == full.shape and torch.isinf(cut[:, 8192:]).all()
+    torch.testing.assert_close(cut[:, :8192], full[:, :8192])

@@ -148,11 +148,14 @@ class LlamaCppBackend:
 
     @cached_property
     def output_weight(self) -> Tensor:
-        """[V, H] fp32 for the heads' shared lm_head, dequantized from the GGUF on first use (slow for K-quants)."""
-        return read_output_weight(self.gguf_path)
+        """[N, H] fp32 for the heads' shared lm_head (N = head_vocab or V), dequantized from the GGUF on first use."""
+        return read_output_weight(self.gguf_path)[: self.settings.head_vocab]
 
     def lm_head(self, hidden: Tensor) -> Tensor:
-        return hidden.float() @ self.output_weight.T  # [..., H] -> [..., V]
+        """[..., H] -> [..., V]; with head_vocab N, ids from N up score -inf (heads never propose them)."""
+        logits = hidden.float() @ self.output_weight.T  # [..., N]
+        missing = self.vocab_size - logits.shape[-1]
+        return torch.nn.functional.pad(logits, (0, missing), value=float("-inf")) if missing else logits
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, LlamaCache]:
         B = len(prompts)
