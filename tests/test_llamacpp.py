@@ -174,3 +174,14 @@ def test_head_vocab_restricts_the_heads(gen):
     full, cut = be.lm_head(hidden), small.lm_head(hidden)  # [1, V]
     assert cut.shape == full.shape and torch.isinf(cut[:, 8192:]).all()
     torch.testing.assert_close(cut[:, :8192], full[:, :8192])
+
+
+def test_full_cache_reuses_rejected_cells_with_a_warning(gen):
+    from medusa_core.backends.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(gen.backend.gguf_path, gen.backend.settings.model_copy(update={"n_ctx": 256}), None)
+    tree = build_tree_buffers(preset_paths("mc_8"), top_k=10)
+    prompt = tuple(gen.encode("The capital of France is"))
+    with pytest.warns(UserWarning, match="KV cache full"):
+        got, steps = run_decode(be, gen.drafter, tree, [prompt], 40)  # ~9 cells per step: 256 fill up
+    assert len(got[0]) == 40

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -251,6 +252,13 @@ class LlamaCppBackend:
                 row[j] = s
         batch.n_tokens = n
         rc = self.lc.llama_decode(self.ctx, batch)
+        if rc == 1 and self.lc.llama_memory_seq_pos_max(self.mem, self.trash_seq) >= 0:
+            # Out of cells: give the rejected nodes' cells back. Later tokens may then sit at lower cell indices
+            # than earlier ones, so this batch's outputs are equal to plain decoding only up to near-ties.
+            warnings.warn(f"llama.cpp KV cache full (n_ctx={self.settings.n_ctx}): reusing rejected tree cells; "
+                          f"raise base_model.llamacpp.n_ctx to keep Medusa == plain decoding bit for bit")
+            self.lc.llama_memory_seq_rm(self.mem, self.trash_seq, -1, -1)
+            rc = self.lc.llama_decode(self.ctx, batch)
         if rc == 1:
             raise RuntimeError(f"llama.cpp KV cache full: base_model.llamacpp.n_ctx={self.settings.n_ctx} cells "
                                f"cannot hold this batch's prompts, outputs and tree")
