@@ -1,0 +1,223 @@
+"""The `train`, `eval` and `tune-tree` subcommands: data -> cache -> heads -> measurements -> tree.
+
+Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), named after the data they
+hold, so training, evaluation and tuning reuse one expensive pass over the base model. A heads folder gets
+`training.json` and `evaluation.json` next to the weights, and its README.md model card is rendered from both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_HEADS = "heads/smollm2-135m-instruct"
+
+
+def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
+    tr = sub.add_parser("train", help="train Medusa heads on ShareGPT (base model frozen)")
+    _common(tr, default_config)
+    tr.add_argument("--out", default=DEFAULT_HEADS, help="heads folder to write (checkpoints go there too)")
+    tr.add_argument("--train-tokens", type=int, default=200_000, help="tokens of held-in text to cache")
+    tr.add_argument("--num-heads", type=int, default=4)
+    tr.add_argument("--targets", choices=["self", "dataset"], default="self")
+    tr.add_argument("--vocab", choices=["batch", "full"], default="batch", help="softmax over batch candidates or all")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch", type=int, default=256, help="positions per step (per worker)")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    tr.add_argument("--ray-workers", type=int, default=0, help="train data-parallel on N Ray Train workers")
+    tr.add_argument("--gpu", action="store_true", help="Ray workers use one GPU each (NCCL)")
+    ev = sub.add_parser("eval", help="per-head accuracy, accepted length and tokens/s per tree")
+    _common(ev, default_config)
+    ev.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
+    ev.add_argument("--trees", nargs="*", default=None, help="tree presets (default: the config's tree + chains)")
+    ev.add_argument("--prompts", type=int, default=8, help="held-out chat prompts to decode")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    tt = sub.add_parser("tune-tree", help="build trees from measured accuracies and pick the fastest size")
+    _common(tt, default_config)
+    tt.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
+    tt.add_argument("--max-nodes", type=int, default=64)
+    tt.add_argument("--top-k", type=int, default=10)
+    tt.add_argument("--context", type=int, default=256, help="prompt length when timing verification")
+    tt.add_argument("--json", default=None, help="also write the curve and the chosen tree to this JSON file")
+
+
+def _common(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--config", default=default_config, help="model config YAML (default: embedded model)")
+    p.add_argument("--cache-dir", default=".cache/medusa", help="where hidden-state caches are kept")
+    p.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (longer ones are cut)")
+    p.add_argument("--eval-tokens", type=int, default=30_000, help="tokens of held-out text to cache")
+    p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
+                   help="ShareGPT replies as written, or the base model's own greedy replies to ShareGPT prompts")
+
+
+def _backend(config_path: str):
+    from medusa_core.backends import load_backend
+    from medusa_core.config import load_config
+
+    config = load_config(config_path)
+    return config, load_backend(config.base_model)
+
+
+def _cache(backend, args, held_out: bool, data: str = "sharegpt"):
+    """Load or build the hidden-state cache for the held-in or held-out split."""
+    from medusa_core.config import resolve_repo_path
+    from medusa_core.distill import HiddenCache
+
+    budget = args.eval_tokens if held_out else args.train_tokens
+    name = f"{'heldout' if held_out else 'train'}-{data}-{budget}-{args.max_seq}.pt"
+    path = resolve_repo_path(args.cache_dir) / name
+    if path.is_file():
+        return HiddenCache.load(path), path
+    cache = _build_cache(backend, args, held_out, data, budget)
+    cache.save(path)
+    return cache, path
+
+
+def _build_cache(backend, args, held_out: bool, data: str, budget: int):
+    from medusa_core import data as sharegpt
+    from medusa_core.distill import build_cache, self_generated
+
+    conversations, report = sharegpt.read_sharegpt()
+    print(f"ShareGPT: {report.complete} complete items, {report.truncated_tail} truncated tail item skipped, "
+          f"{report.unusable} without a user->assistant exchange, {report.kept} kept")
+    held_in, held_out_convs = sharegpt.split(conversations)
+    pool = held_out_convs if held_out else held_in
+    print(f"split: {len(held_in)} held-in, {len(held_out_convs)} held-out conversations")
+    tok = backend.tokenizer
+    sequences, total = [], 0
+    for conv in pool:
+        if data == "sharegpt":
+            seq = sharegpt.encode_conversation(tok, conv.messages, args.max_seq)
+            if not any(seq.assistant):
+                continue
+        else:
+            ids = sharegpt.first_turn_prompt(tok, conv, args.max_seq // 2)
+            if ids is None:
+                continue
+            seq = sharegpt.Encoded(ids, [False] * len(ids))
+        sequences.append(seq)
+        total += len(seq.ids) + (args.max_seq // 2 if data == "generated" else 0)
+        if total >= budget:
+            break
+    if data == "generated":
+        sequences = self_generated(backend, [s.ids for s in sequences], args.max_seq // 2, batch=32)
+    return build_cache(backend, sequences)
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from medusa_core.heads import save_heads
+    from medusa_core.train import TrainConfig, train, train_ray
+
+    config, backend = _backend(args.config)
+    cache, cache_path = _cache(backend, args, held_out=False, data=args.data)
+    cfg = TrainConfig(num_heads=args.num_heads, targets=args.targets, vocab=args.vocab, steps=args.steps,
+                      batch_positions=args.batch, lr=args.lr, seed=args.seed)
+    print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
+    start = time.perf_counter()
+    if args.ray_workers > 0:
+        import ray
+
+        ray.init(num_cpus=max(args.ray_workers, 1), include_dashboard=False, ignore_reinit_error=True)
+        heads = train_ray(cache_path, cfg, args.out, args.ray_workers, args.gpu)
+        seconds, losses = time.perf_counter() - start, []
+    else:
+        result = train(cache, cfg, args.out, resume=not args.no_resume)
+        heads, seconds, losses = result.heads, result.seconds, result.losses
+    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    accuracy = _accuracy(heads, heldout)
+    info = {"base_model": config.name, "data": args.data, "train_tokens": cache.num_tokens,
+            "train_assistant_tokens": int(cache.assistant.sum()), "heldout_tokens": heldout.num_tokens,
+            "max_seq": args.max_seq, "config": asdict(cfg), "ray_workers": args.ray_workers,
+            "train_seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "heldout_accuracy": accuracy}
+    save_heads(heads, args.out, config.name)
+    (Path(args.out) / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card(Path(args.out))
+    print(_format_accuracy(accuracy))
+
+
+def _accuracy(heads, heldout) -> dict[str, list[dict[str, float]]]:
+    from medusa_core.evaluate import accuracy_table, rank_histogram
+
+    return {kind: accuracy_table(rank_histogram(heads, heldout, kind)) for kind in ("self", "dataset")}
+
+
+def _format_accuracy(accuracy: dict) -> str:
+    lines = ["held-out accuracy (targets: base model argmax = self, text tokens = dataset)",
+             f"{'head':>4}{'self top1':>11}{'self top5':>11}{'data top1':>11}{'data top5':>11}"]
+    for s, d in zip(accuracy["self"], accuracy["dataset"]):
+        lines.append(f"{s['head']:>4}{s['top1']:>11.3f}{s['top5']:>11.3f}{d['top1']:>11.3f}{d['top5']:>11.3f}")
+    return "\n".join(lines)
+
+
+def _load_heads(config, backend, folder: str | None):
+    from medusa_core.generator import load_drafter
+    from medusa_core.heads import load_heads
+
+    if folder is None:
+        return load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
+    return load_heads(folder, backend.hidden_size, backend.vocab_size).to(backend.dtype)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from medusa_core import data as sharegpt
+    from medusa_core.evaluate import benchmark_trees, format_runs
+    from medusa_core.tree import build_tree_buffers
+    from medusa_core.tree_presets import preset_paths
+
+    config, backend = _backend(args.config)
+    heads = _load_heads(config, backend, args.heads)
+    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    accuracy = _accuracy(heads, heldout)
+    print(_format_accuracy(accuracy))
+    names = args.trees or [config.tree.preset or "config", *[f"chain_{d}" for d in range(2, heads.num_heads + 1)]]
+    trees = {n: build_tree_buffers(config.tree.resolved_paths() if n == "config" else preset_paths(n),
+                                   config.tree.top_k, heads.num_heads) for n in names}
+    _, held_out = sharegpt.split(sharegpt.read_sharegpt()[0])
+    prompts = [p for c in held_out if (p := sharegpt.first_turn_prompt(backend.tokenizer, c, 160))][: args.prompts]
+    runs = benchmark_trees(backend, heads, trees, prompts, args.max_new_tokens)
+    print(format_runs(runs))
+    result = {"accuracy": accuracy, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "runs": [{**asdict(r), "accepted_length": r.accepted_length, "tokens_per_second": r.tokens_per_second,
+                        "speedup": r.tokens_per_second / runs[0].tokens_per_second} for r in runs]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.heads is not None:
+        (Path(args.heads) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_card(Path(args.heads))
+
+
+def tune_tree_command(args: argparse.Namespace) -> None:
+    from medusa_core.evaluate import rank_histogram
+    from medusa_core.tune_tree import choose_size, format_curve, greedy_tree, measure_step_cost
+
+    config, backend = _backend(args.config)
+    heads = _load_heads(config, backend, args.heads)
+    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    acc = rank_histogram(heads, heldout, "self", max_rank=args.top_k)  # [K, top_k]
+    costs = measure_step_cost(backend, heads, acc, args.max_nodes, args.context)
+    best, curve = choose_size(acc, costs)
+    print(format_curve(curve, best))
+    paths = greedy_tree(acc, best.nodes)
+    print(f"best: {best.nodes} nodes, expected {best.expected_length:.2f} tokens/step; tree.paths: {paths}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "rank_accuracy": acc.tolist(), "costs": [asdict(c) for c in costs],
+            "curve": [{**asdict(s), "tokens_per_second": s.tokens_per_second} for s in curve],
+            "best_nodes": best.nodes, "best_paths": paths}, indent=2) + "\n")
+
+
+def write_card(folder: Path) -> None:
+    """Render README.md from training.json and evaluation.json (whichever exist)."""
+    from medusa_core.model_card import render_card
+
+    train = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else None
+    ev = json.loads((folder / "evaluation.json").read_text()) if (folder / "evaluation.json").is_file() else None
+    (folder / "README.md").write_text(render_card(train, ev))

@@ -1,0 +1,126 @@
+"""The training cache: the frozen base model's hidden states and its own predictions, computed once.
+
+Medusa-1 freezes the base model, so everything the heads need from it can be computed in one pass and reused for
+every epoch, experiment and evaluation: the final-norm hidden state at each position, the base model's top-k next
+tokens there (self-distillation targets: head k at position t learns the base model's argmax at t+k+1, i.e. its
+prediction of token t+k+2), the text's own tokens (dataset targets) and the assistant mask. The base model's
+lm_head is stored too, so training needs no base model at all (and Ray workers load only this file).
+
+`self_generated` makes the text itself come from the base model (greedy replies to held-in prompts), the Medusa
+paper's self-distillation data: then hidden states at training time look like those the heads see when decoding.
+
+Differences from FasterDecoding/Medusa: the reference runs the frozen base model on every training step; caching
+makes a CPU run affordable (one forward pass per token instead of one per token per epoch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from medusa_core.backends import Backend
+from medusa_core.data import Encoded
+from medusa_core.decode import DecodeRequest, decode
+
+
+@dataclass
+class HiddenCache:
+    hidden: Tensor  # [N, H] float16, final-norm hidden state of every cached token
+    tokens: Tensor  # [N] long, the text's tokens
+    assistant: Tensor  # [N] bool, loss positions (assistant replies)
+    top_ids: Tensor  # [N, k0] long, base model's top-k0 prediction for the NEXT token (column 0 = argmax)
+    seq_end: Tensor  # [N] long, index one past the last token of the position's sequence
+    lm_head: Tensor  # [V, H] float32, the base model's output projection (shared by version-2 heads)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v for k, v in self.__dict__.items()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HiddenCache:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no hidden-state cache at {path}; build it with `python -m medusa_core train`")
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+    def targets(self, positions: Tensor, num_heads: int, kind: str) -> tuple[Tensor, Tensor]:
+        """Targets [N, K] for heads at positions [N] (head k: token t+k+2), and where they count [N, K] bool."""
+        offsets = torch.arange(num_heads)[None, :] + 2  # [1, K]
+        at = positions[:, None] + offsets  # [N, K] position of the predicted token
+        valid = at < self.seq_end[positions][:, None]
+        at = torch.where(valid, at, positions[:, None])  # any in-range index; masked below
+        if kind == "self":
+            target = self.top_ids[at - 1, 0]  # the base model's argmax at t+k+1
+        elif kind == "dataset":
+            target = self.tokens[at]
+        else:
+            raise ValueError(f"unknown target kind {kind!r} (self or dataset)")
+        return target, valid & self.assistant[at]
+
+
+def base_hidden(backend: Backend, ids: Tensor, attention: Tensor) -> Tensor:
+    """ids [B, S] right-padded -> final-norm hidden states [B, S, H] (one plain causal forward pass)."""
+    # The backend's prefill returns only the last position; training needs all of them, so call the model body.
+    out = backend.model.model(input_ids=ids.to(backend.device), attention_mask=attention.to(backend.device))
+    return out.last_hidden_state
+
+
+@torch.no_grad()  # not inference_mode: training later backpropagates through ops on these tensors
+def build_cache(backend: Backend, sequences: list[Encoded], top_k: int = 8, batch_tokens: int = 2048,
+                desc: str = "caching hidden states") -> HiddenCache:
+    """Run the frozen base model once over every sequence (longest first, padded batches of ~batch_tokens)."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
+    parts: list[tuple[Tensor, Tensor]] = []
+    bar = tqdm(total=sum(len(s.ids) for s in sequences), desc=desc, unit="tok")
+    i = 0
+    while i < len(order):
+        S = len(sequences[order[i]].ids)
+        batch = [sequences[j] for j in order[i : i + max(1, batch_tokens // S)]]
+        i += len(batch)
+        ids = torch.zeros(len(batch), S, dtype=torch.long)
+        attention = torch.zeros(len(batch), S, dtype=torch.long)
+        for b, s in enumerate(batch):
+            ids[b, : len(s.ids)], attention[b, : len(s.ids)] = torch.tensor(s.ids), 1
+        hidden = base_hidden(backend, ids, attention)  # [B, S, H]
+        top = backend.lm_head(hidden).topk(top_k, dim=-1).indices  # [B, S, k0]
+        for b, s in enumerate(batch):
+            parts.append((hidden[b, : len(s.ids)].to(torch.float16).cpu(), top[b, : len(s.ids)].cpu()))
+        bar.update(sum(len(s.ids) for s in batch))
+    bar.close()
+    ordered = [sequences[j] for j in order]
+    lengths = torch.tensor([len(s.ids) for s in ordered])
+    ends = torch.cumsum(lengths, 0)
+    return HiddenCache(
+        hidden=torch.cat([h for h, _ in parts]),
+        tokens=torch.tensor([t for s in ordered for t in s.ids]),
+        assistant=torch.tensor([a for s in ordered for a in s.assistant]),
+        top_ids=torch.cat([t for _, t in parts]),
+        seq_end=torch.repeat_interleave(ends, lengths),
+        lm_head=backend.model.lm_head.weight.detach().float().cpu().clone(),
+    )
+
+
+def self_generated(backend: Backend, prompts: list[list[int]], max_new_tokens: int, batch: int = 16,
+                   desc: str = "generating replies") -> list[Encoded]:
+    """The base model's own greedy replies to the prompts; the reply (and its end-of-turn token) is the loss part."""
+    out: list[Encoded] = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        replies: list[list[int]] = [[] for _ in chunk]
+        requests = [DecodeRequest(tuple(p), max_new_tokens, speculate=False) for p in chunk]
+        for events in decode(backend, None, None, requests):
+            for e in events:
+                replies[e.request] += e.tokens
+                if e.finish_reason == "stop":
+                    replies[e.request].append(backend.tokenizer.eos_token_id)
+        out += [Encoded(list(p) + r, [False] * len(p) + [True] * len(r)) for p, r in zip(chunk, replies)]
+        bar.update(len(chunk))
+    bar.close()
+    return out

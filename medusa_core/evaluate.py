@@ -1,0 +1,113 @@
+"""How good are trained heads: per-head rank accuracy on held-out data, and accepted length and tokens/s per tree.
+
+`rank_histogram` ranks each head's target over the FULL vocabulary on a held-out hidden-state cache: row k, column r
+is the fraction of positions where head k's target was its rank-r candidate (so a cumulative sum gives top-r
+accuracy; the paper reports top-1 and top-5). The same table drives the tree builder (`tune_tree.py`).
+
+`benchmark_trees` decodes held-out chat prompts one at a time (batch 1, greedy, EOS ignored so every run emits the
+same number of tokens), plain and with each tree, side by side in one process, and checks that the tokens match.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from medusa_core.backends import Backend
+from medusa_core.decode import DecodeRequest, Drafter, decode
+from medusa_core.distill import HiddenCache
+from medusa_core.heads import MedusaHeads
+from medusa_core.train import loss_positions
+from medusa_core.tree import TreeBuffers, plain_tree
+
+
+@torch.inference_mode()
+def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", max_rank: int = 10,
+                   max_positions: int = 2000, chunk: int = 64) -> Tensor:
+    """[K, max_rank]: P(head k's target is its rank-r candidate), over held-out assistant positions.
+
+    Full-vocabulary logits cost ~K x 28 MFLOP per position, so at most `max_positions` evenly spaced positions
+    are ranked (a standard error near 1 % on accuracy).
+    """
+    K = heads.num_heads
+    positions = loss_positions(cache)
+    positions = positions[torch.linspace(0, len(positions) - 1, min(max_positions, len(positions))).long()]
+    counts = torch.zeros(K, max_rank + 1)  # last column: rank >= max_rank
+    totals = torch.zeros(K)
+    for i in tqdm(range(0, len(positions), chunk), desc="ranking targets", unit="chunk", leave=False):
+        pos = positions[i : i + chunk]
+        target, valid = cache.targets(pos, K, kind)  # [N, K]
+        logits = heads.head_hidden(cache.hidden[pos].float()) @ cache.lm_head.T  # [N, K, V]
+        rank = (logits > logits.gather(-1, target[..., None])).sum(-1).clamp(max=max_rank)  # [N, K]
+        for k in range(K):
+            counts[k] += torch.bincount(rank[valid[:, k], k], minlength=max_rank + 1).float()
+        totals += valid.sum(0)
+    return counts[:, :max_rank] / totals[:, None].clamp(min=1)
+
+
+def accuracy_table(hist: Tensor) -> list[dict[str, float]]:
+    """Per head: top-1 and top-5 accuracy from a rank histogram."""
+    cum = hist.cumsum(1)
+    return [{"head": k + 1, "top1": float(cum[k, 0]), "top5": float(cum[k, min(4, cum.shape[1] - 1)])}
+            for k in range(hist.shape[0])]
+
+
+@dataclass(frozen=True)
+class TreeRun:
+    name: str
+    nodes: int  # tree nodes incl. the root (1 = plain decoding)
+    tokens: int
+    steps: int  # decode steps after the prefill
+    seconds: float  # decode time, prefill excluded
+    matches_plain: bool
+    prompts: int  # one token per prompt comes from the prefill, not from a decode step
+
+    @property
+    def accepted_length(self) -> float:
+        """Tokens per decode step (accept_len + 1 averaged); the prefill's token is not counted."""
+        return (self.tokens - self.prompts) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens - self.prompts) / self.seconds
+
+
+def run_tree(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, prompts: list[list[int]],
+             max_new_tokens: int) -> tuple[list[list[int]], int, float]:
+    """Decode prompts one by one; (tokens per prompt, decode steps, decode seconds excluding prefills)."""
+    outputs, steps, seconds = [], 0, 0.0
+    for p in prompts:
+        out: list[int] = []
+        events = decode(backend, drafter, tree, [DecodeRequest(tuple(p), max_new_tokens, ignore_eos=True)])
+        out += next(events)[0].tokens  # the prefill
+        start = time.perf_counter()
+        for ev in events:
+            out += ev[0].tokens
+            steps += 1
+        seconds += time.perf_counter() - start
+        outputs.append(out)
+    return outputs, steps, seconds
+
+
+def benchmark_trees(backend: Backend, drafter: Drafter, trees: dict[str, TreeBuffers], prompts: list[list[int]],
+                    max_new_tokens: int) -> list[TreeRun]:
+    """Plain greedy first, then each tree; every run decodes the same prompts to the same length."""
+    plain, steps, secs = run_tree(backend, None, plain_tree(), prompts, max_new_tokens)
+    total = sum(map(len, plain))
+    runs = [TreeRun("plain", 1, total, steps, secs, True, len(prompts))]
+    for name, tree in tqdm(trees.items(), desc="trees", unit="tree"):
+        got, steps, secs = run_tree(backend, drafter, tree, prompts, max_new_tokens)
+        runs.append(TreeRun(name, tree.num_nodes, sum(map(len, got)), steps, secs, got == plain, len(prompts)))
+    return runs
+
+
+def format_runs(runs: list[TreeRun]) -> str:
+    base = runs[0].tokens_per_second
+    lines = [f"{'tree':<14}{'nodes':>6}{'tok/step':>10}{'tok/s':>9}{'speed-up':>10}  same-as-plain"]
+    for r in runs:
+        lines.append(f"{r.name:<14}{r.nodes:>6}{r.accepted_length:>10.2f}{r.tokens_per_second:>9.1f}"
+                     f"{r.tokens_per_second / base:>9.2f}x  {'yes' if r.matches_plain else 'NO'}")
+    return "\n".join(lines)

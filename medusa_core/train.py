@@ -1,0 +1,195 @@
+"""Train Medusa heads on a hidden-state cache (Medusa-1: base model frozen, heads only).
+
+Loss = sum_k 0.8^k * CE_k, head k (0-based) at position t predicting token t+k+2, on assistant tokens only; AdamW,
+lr 1e-3, cosine schedule with 10 % linear warm-up. Targets are the base model's own argmax ("self", the
+self-distillation of the Medusa paper) or the text's tokens ("dataset"); see `distill.HiddenCache.targets`.
+
+`vocab="batch"` restricts each step's softmax to the batch's candidate tokens: the union of the base model's top-k
+(`candidates`) predictions at every target position of the batch (which contains every "self" target). The heads then learn to
+rank the tokens the base model finds plausible, at a fraction of the full-vocabulary cost; `vocab="full"` is the
+reference loss. Evaluation always ranks over the full vocabulary.
+
+Checkpoints hold the heads, the optimizer, the step and the batch sampler's generator state, so a resumed run is
+bit-identical to an uninterrupted one. `train_ray` runs the same loop data-parallel on Ray Train workers
+(`TorchTrainer`; gloo on CPU, NCCL on GPU); gradients are averaged with an explicit all-reduce.
+
+Differences from FasterDecoding/Medusa: the reference trains with the HF Trainer on the live base model; here the
+base model's outputs come from a cache, and the lm_head is shared (version 2), so only the ResBlocks train.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from medusa_core.distill import HiddenCache
+from medusa_core.heads import MedusaHeads
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_heads: int = 4
+    targets: Literal["self", "dataset"] = "self"
+    vocab: Literal["full", "batch"] = "batch"
+    steps: int = 1000
+    batch_positions: int = 256  # positions per step (per worker); each trains all K heads
+    candidates: int = 4  # vocab="batch": the base model's top-k per target position joins the batch softmax
+    lr: float = 1e-3
+    warmup: float = 0.1  # fraction of steps
+    weight_decay: float = 0.0
+    head_decay: float = 0.8  # lambda_k = head_decay ** k
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    heads: MedusaHeads
+    losses: list[float]  # per step (this worker's batch)
+    steps: int
+    seconds: float
+
+
+def loss_positions(cache: HiddenCache) -> Tensor:
+    """Positions t whose head-0 target t+2 is an assistant token in the same sequence: the sampling pool [N]."""
+    t = torch.arange(cache.num_tokens)
+    ok = (t + 2 < cache.seq_end) & cache.assistant[(t + 2).clamp(max=cache.num_tokens - 1)]
+    return t[ok]
+
+
+def head_loss(heads: MedusaHeads, cache: HiddenCache, positions: Tensor, cfg: TrainConfig) -> Tensor:
+    """The weighted Medusa loss for a batch of positions [N]."""
+    target, valid = cache.targets(positions, cfg.num_heads, cfg.targets)  # [N, K]
+    x = heads.head_hidden(cache.hidden[positions].float())  # [N, K, H]
+    if cfg.vocab == "full":
+        vocab_ids = None
+        logits = x @ cache.lm_head.T  # [N, K, V]
+    else:
+        at = (positions[:, None] + torch.arange(cfg.num_heads)[None, :] + 1).clamp(max=cache.num_tokens - 1)
+        vocab_ids, inverse = torch.unique(torch.cat([cache.top_ids[at, : cfg.candidates].flatten(), target.flatten()]),
+                                          return_inverse=True)  # [C]
+        target = inverse[-target.numel():].view_as(target)  # targets as indices into vocab_ids
+        logits = x @ cache.lm_head[vocab_ids].T  # [N, K, C]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    ce = ce.view_as(target) * valid  # [N, K]
+    weights = cfg.head_decay ** torch.arange(cfg.num_heads, dtype=torch.float32)  # [K]
+    per_head = ce.sum(0) / valid.sum(0).clamp(min=1)  # [K]
+    return (per_head * weights).sum()
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+def new_heads(cfg: TrainConfig, hidden: int) -> MedusaHeads:
+    """Version-2 heads (shared lm_head), one ResBlock each, zero-initialised like the reference."""
+    return MedusaHeads(cfg.num_heads, 1, hidden, vocab=None)
+
+
+def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = True,
+          stop_after: int | None = None, rank: int = 0, world: int = 1) -> TrainResult:
+    """Train from scratch, or from out_dir/checkpoint.pt when resume is set; `stop_after` simulates a kill."""
+    torch.manual_seed(cfg.seed)
+    heads = new_heads(cfg, cache.hidden.shape[1])
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    step, losses, spent = 0, [], 0.0
+    ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        step, losses, spent = _load_checkpoint(ckpt, heads, opt, sched, sampler, cfg, rank)
+    pool = loss_positions(cache)
+    assert len(pool) > 0, "the cache holds no assistant tokens to train on"
+    start = time.perf_counter() - spent
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"training {cfg.num_heads} heads", disable=rank != 0)
+    while step < cfg.steps and (stop_after is None or step < stop_after):
+        positions = pool[torch.randint(len(pool), (cfg.batch_positions,), generator=sampler)]
+        loss = head_loss(heads, cache, positions, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            _all_reduce_grads(heads, world)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            _save_checkpoint(ckpt, heads, opt, sched, sampler, step, losses, time.perf_counter() - start, cfg)
+    bar.close()
+    return TrainResult(heads.requires_grad_(False), losses, step, time.perf_counter() - start)
+
+
+def _all_reduce_grads(heads: MedusaHeads, world: int) -> None:
+    for p in heads.parameters():
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+def _save_checkpoint(path: Path, heads, opt, sched, sampler, step: int, losses: list[float], seconds: float,
+                     cfg: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "sampler": sampler.get_state(), "step": step, "losses": losses, "seconds": seconds,
+             "config": asdict(cfg)}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, heads, opt, sched, sampler, cfg: TrainConfig, rank: int
+                     ) -> tuple[int, list[float], float]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != asdict(cfg):
+        raise ValueError(f"{path} was written with a different training config: {state['config']}; "
+                         f"use another --out folder or --no-resume")
+    heads.load_state_dict(state["heads"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    if rank == 0:
+        sampler.set_state(state["sampler"])
+    else:  # other workers' samplers are not checkpointed: reseed them by step so they do not replay rank 0
+        sampler.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+    return state["step"], list(state["losses"]), state["seconds"]
+
+
+def train_ray(cache_path: str | Path, cfg: TrainConfig, out_dir: str | Path, num_workers: int,
+              use_gpu: bool = False) -> MedusaHeads:
+    """Data-parallel training on Ray Train workers; rank 0 checkpoints into out_dir. Returns the trained heads."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"cache_path": str(cache_path), "cfg": asdict(cfg), "out_dir": str(out_dir)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    trainer.fit()
+    state = torch.load(Path(out_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
+    heads = new_heads(cfg, state["heads"]["weight"].shape[-1])
+    heads.load_state_dict(state["heads"])
+    return heads.requires_grad_(False)
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(1)  # workers share the machine's cores
+    cache = HiddenCache.load(config["cache_path"])
+    train(cache, TrainConfig(**config["cfg"]), config["out_dir"], resume=True,
+          rank=ctx.get_world_rank(), world=ctx.get_world_size())
