@@ -52,9 +52,12 @@ class Server:
     log: Path
     config: dict
 
-    def redeploy(self, decoder: dict) -> None:
-        """`serve deploy` this server's config with the Decoder's settings updated; wait until it is running."""
+    def redeploy(self, decoder: dict, config: str | None = None) -> None:
+        """`serve deploy` this server's config with the Decoder's settings (and the model config) changed; wait
+        until it runs."""
         cfg = _with_decoder(self.config, decoder)
+        if config is not None:
+            cfg["applications"][0]["args"]["config"] = config
         path = self.log.with_name("redeploy.yaml")
         path.write_text(yaml.safe_dump(cfg))
         serve = Path(sys.executable).parent / "serve"

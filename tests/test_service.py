@@ -176,6 +176,20 @@ def test_batch_knobs_apply_live_through_user_config(server):
     assert max(sizes) > 1 and set(server.decoder_pids()) & set(pids)
 
 
+def test_llamacpp_backend_serves_when_the_config_selects_it(server):
+    server.redeploy({}, config="configs/smollm2-135m-llamacpp.yaml")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda p: complete(server, p, 16), PROMPTS[:3]))
+        for prompt, body in zip(PROMPTS[:3], together):
+            assert body["usage"]["completion_tokens"] > 0 and body["medusa"]["decode_steps"] >= 1
+            assert complete(server, prompt, 16)["choices"][0]["text"] == body["choices"][0]["text"]  # == alone
+        plain = complete(server, PROMPTS[0], 16, medusa={"mode": "plain"})
+        assert plain["choices"][0]["text"] == together[0]["choices"][0]["text"]
+    finally:
+        server.redeploy({})
+
+
 def test_autoscaling_up_under_load_and_back_down(server):
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}, "earlier tests' load did not drain"
     stop_at = time.monotonic() + 120
