@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medusa_core.backends.hf import resolve_source
 from medusa_core.config import load_config, resolve_repo_path
 from medusa_core.generator import MedusaGenerator, TextRequest, load_generator
 from medusa_core.tree import build_tree_buffers
@@ -115,8 +116,8 @@ def cost_curve(gen: MedusaGenerator, sizes: list[int], prefix: int = 200, repeat
 
 
 def table(rows: list[Row], plain: dict[int, float], peer: float) -> str:
-    lines = ["| decoder | batch | tokens/s | vs plain (same batch) | vs create_completion | tokens/step | "
-             "heads share | output == plain |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| decoder | batch | tokens/s | vs plain (same batch) | vs create_completion (shipped file) | "
+             "tokens/step | heads share | output == plain |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda x, f: "" if x is None else f.format(x)  # noqa: E731
         lines.append(f"| {r.decoder} | {r.batch} | {r.tokens_per_s:.1f} | "
@@ -162,6 +163,7 @@ def main() -> None:
 
     config = load_config(args.config)
     base = config.base_model
+    shipped = Path(resolve_source(base.source)) / base.gguf_file  # the peer runs on the config's own file
     if args.gguf is not None:
         gguf = Path(args.gguf).resolve()
         source = base.source.model_copy(update={"package": None, "path": str(gguf.parent)})
@@ -181,11 +183,14 @@ def main() -> None:
           + ", ".join(f"N={k}: {v:.1f}" for k, v in curve.items()))
 
     rows: list[Row] = []
-    peer = run_llama_cpp_python(gguf_path, prompts, n, threads, 2048, lookup=False)
-    rows.append(Row("llama-cpp-python create_completion", 1, peer))
+    peer = run_llama_cpp_python(shipped, prompts, n, threads, 2048, lookup=False)
+    rows.append(Row(f"llama-cpp-python create_completion ({shipped.name})", 1, peer))
+    if gguf_path != shipped:
+        rows.append(Row(f"llama-cpp-python create_completion ({gguf_path.name})", 1,
+                        run_llama_cpp_python(gguf_path, prompts, n, threads, 2048, lookup=False)))
     if args.prompt_lookup:
-        rows.append(Row("llama-cpp-python prompt lookup", 1,
-                        run_llama_cpp_python(gguf_path, prompts, n, threads, 2048, lookup=True)))
+        rows.append(Row(f"llama-cpp-python prompt lookup ({shipped.name})", 1,
+                        run_llama_cpp_python(shipped, prompts, n, threads, 2048, lookup=True)))
     plain_tps: dict[int, float] = {}
     for batch in tqdm(args.batch_sizes, desc="batch sizes"):
         tps, per_step, plain_ids = run_ours(gen, prompts, batch, "plain", n)

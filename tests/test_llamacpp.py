@@ -27,8 +27,8 @@ def gen():
 
     config = load_config(CONFIG)
     # One thread: llama.cpp's spinning thread barrier stalls when the 2-core test machine is oversubscribed.
-    base = config.base_model.model_copy(update={"llamacpp": config.base_model.llamacpp.model_copy(
-        update={"n_threads": 1})})
+    settings = config.base_model.llamacpp.model_copy(update={"n_threads": 1})
+    base = config.base_model.model_copy(update={"torch_threads": None, "llamacpp": settings})
     return load_generator(config.model_copy(update={"base_model": base}))
 
 

@@ -134,7 +134,11 @@ class LlamaCppBackend:
         tokenizer = load_gguf_tokenizer(gguf_path, resolve_repo_path(config.cache_dir or ".cache/models"))
         if config.chat_template is not None:
             tokenizer.chat_template = config.chat_template
-        return cls(gguf_path, config.llamacpp, tokenizer, config.context_length)
+        if config.torch_threads:  # the heads' torch threads; 1 avoids contending with llama.cpp's own threads
+            torch.set_num_threads(config.torch_threads)
+        backend = cls(gguf_path, config.llamacpp, tokenizer, config.context_length)
+        backend.output_weight  # dequantize now (seconds), not inside the first request
+        return backend
 
     def __del__(self) -> None:
         lc = getattr(self, "lc", None)
