@@ -17,6 +17,12 @@ MC_SIM_7B_63: list[list[int]] = [
 ]
 
 
+# Built by `python -m medusa_core tune-tree` (the paper's greedy construction) from the held-out rank accuracies of
+# the shipped heads/smollm2-135m-instruct: those heads are weak past head 1, so the best 8-node tree is one level of
+# head-1 alternatives (see the heads' README for the figures).
+SMOLLM2_GREEDY_8: list[list[int]] = [[0], [1], [2], [4], [3], [6], [7]]
+
+
 def _chain(depth: int) -> list[list[int]]:
     return [[0] * d for d in range(1, depth + 1)]
 
@@ -27,6 +33,7 @@ TREE_PRESETS: dict[str, list[list[int]]] = {
     "mc_8": MC_SIM_7B_63[:8],
     "mc_16": MC_SIM_7B_63[:16],
     "mc_32": MC_SIM_7B_63[:32],
+    "smollm2_greedy_8": SMOLLM2_GREEDY_8,
     "chain_2": _chain(2),
     "chain_3": _chain(3),
     "chain_4": _chain(4),

@@ -1,0 +1,92 @@
+"""Training on a tiny random Llama: the loss drops, checkpoints reload bit-identically and resume, Ray Train runs."""
+import os
+
+import pytest
+import torch
+
+from medusa_core.data import Encoded
+from medusa_core.distill import HiddenCache, build_cache
+from medusa_core.heads import load_heads, save_heads
+from medusa_core.train import CHECKPOINT, TrainConfig, head_loss, loss_positions, new_heads, train
+
+
+def sequences(n: int, length: int, seed: int = 0) -> list[Encoded]:
+    """Token sequences with structure (a random walk over a small alphabet) so that heads have something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        steps = torch.randint(1, 4, (length,), generator=g)
+        ids = ((torch.cumsum(steps, 0) % 50) + 10).tolist()
+        out.append(Encoded(ids, [i >= 4 for i in range(length)]))  # a 4-token "prompt" carries no loss
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_backend) -> HiddenCache:
+    return build_cache(tiny_backend, sequences(12, 40), top_k=4, batch_tokens=160)
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"num_heads": 3, "steps": 100, "batch_positions": 64, "lr": 2e-2, "checkpoint_every": 10,
+                          **kw})
+
+
+def test_cache_layout(cache, tiny_backend):
+    assert cache.hidden.shape == (12 * 40, 64) and cache.top_ids.shape == (12 * 40, 4)
+    assert torch.equal(cache.lm_head, tiny_backend.model.lm_head.weight)
+    pool = loss_positions(cache)
+    assert len(pool) > 0 and bool((pool + 2 < cache.seq_end[pool]).all())
+    target, valid = cache.targets(pool[:5], 3, "self")
+    assert torch.equal(target[:, 0], cache.top_ids[pool[:5] + 1, 0])  # head 0 at t learns the argmax at t+1
+
+
+@pytest.mark.parametrize("targets,vocab", [("self", "batch"), ("dataset", "full")])
+def test_training_lowers_the_loss(cache, targets, vocab):
+    c = cfg(targets=targets, vocab=vocab)
+    probe = loss_positions(cache)[:200]
+    before = float(head_loss(new_heads(c, 64), cache, probe, c).detach())
+    result = train(cache, c)
+    after = float(head_loss(result.heads, cache, probe, c))
+    assert after < 0.7 * before, (before, after)
+
+
+def test_checkpoint_resume_is_bit_identical(cache, tmp_path):
+    c = cfg(steps=20, checkpoint_every=5)
+    straight = train(cache, c, tmp_path / "a")
+    interrupted = train(cache, c, tmp_path / "b", stop_after=12)  # checkpoint at step 10, 2 steps lost
+    assert interrupted.steps == 12
+    state = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 10
+    resumed = train(cache, c, tmp_path / "b")
+    assert resumed.steps == c.steps
+    assert torch.equal(straight.heads.weight, resumed.heads.weight)
+    assert torch.equal(straight.heads.bias, resumed.heads.bias)
+    save_heads(resumed.heads, tmp_path / "heads", "tiny")
+    reloaded = load_heads(tmp_path / "heads", 64, 256)
+    assert torch.equal(reloaded.weight, resumed.heads.weight) and torch.equal(reloaded.bias, resumed.heads.bias)
+
+
+def test_resume_refuses_another_config(cache, tmp_path):
+    train(cache, cfg(steps=10), tmp_path)
+    with pytest.raises(ValueError, match="different training config"):
+        train(cache, cfg(steps=10, lr=1e-4), tmp_path)
+
+
+@pytest.mark.slow  # Ray start-up and two worker processes: over a minute on 2 shared cores
+def test_ray_train_two_workers(cache, tmp_path):
+    ray = pytest.importorskip("ray")
+    from medusa_core.train import train_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cache.save(tmp_path / "cache.pt")
+    c = cfg(steps=10)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        heads = train_ray(tmp_path / "cache.pt", c, tmp_path / "out", num_workers=2)
+    finally:
+        ray.shutdown()
+    save_heads(heads, tmp_path / "heads", "tiny")
+    loaded = load_heads(tmp_path / "heads", 64, 256)
+    assert loaded.num_heads == 3 and loaded.weight.abs().sum() > 0
+    probe = loss_positions(cache)[:200]
+    assert float(head_loss(loaded, cache, probe, c)) < float(head_loss(new_heads(c, 64), cache, probe, c))
