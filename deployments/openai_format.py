@@ -22,7 +22,8 @@ def new_id() -> str:
 
 def usage(last: DecodeChunk) -> dict:
     n = last.stats.generated_tokens if last.stats else 0
-    return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=n, total_tokens=last.prompt_tokens + n).model_dump()
+    total = last.prompt_tokens + n
+    return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=n, total_tokens=total).model_dump()
 
 
 def _finish(last: DecodeChunk) -> str:

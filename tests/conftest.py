@@ -45,6 +45,12 @@ def embedded_generator():
     return load_generator(load_config(DEFAULT_CONFIG))
 
 
+def pytest_collection_modifyitems(items):
+    """Run the tests that use the Ray Serve app last: its cluster lives until the session ends, so nothing else
+    shares the two cores with it."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The real app: `serve run` on serve_config.yaml with a test port, a small queue and short autoscaling delays;
