@@ -13,7 +13,6 @@ expected tokens per step / cost per step.
 from __future__ import annotations
 
 import heapq
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -49,8 +48,8 @@ def expected_length(acc: Tensor, paths: list[list[int]]) -> float:
 @dataclass(frozen=True)
 class StepCost:
     nodes: int
-    verify_s: float  # median seconds of one verification forward pass
-    heads_s: float  # median seconds of the heads' draft (0 for the root-only tree)
+    verify_s: float  # best-of-repeats seconds of one verification pass (other load only adds time)
+    heads_s: float  # best-of-repeats seconds of the heads' draft (0 for the root-only tree)
 
     @property
     def step_s(self) -> float:
@@ -62,7 +61,7 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
                       repeats: int = 5) -> list[StepCost]:
     """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt."""
     prompt = list(range(1000, 1000 + context))
-    heads_s = _median_time(lambda: heads.draft(torch.zeros(1, backend.hidden_size, dtype=backend.dtype,
+    heads_s = _best_time(lambda: heads.draft(torch.zeros(1, backend.hidden_size, dtype=backend.dtype,
                                                            device=backend.device), [[]], acc.shape[1],
                                                backend.lm_head), repeats)
     costs = []
@@ -76,18 +75,18 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
             backend.verify(cache, tokens, tree)
             backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))  # accept nothing: context grows by 1
 
-        costs.append(StepCost(n, _median_time(one_pass, repeats), heads_s if n > 1 else 0.0))
+        costs.append(StepCost(n, _best_time(one_pass, repeats), heads_s if n > 1 else 0.0))
     return costs
 
 
-def _median_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 @dataclass(frozen=True)
