@@ -118,6 +118,7 @@ class Load:
             t.join(CLIENT_TIMEOUT_S + 10)
 
 
+@pytest.mark.slow  # ~1 min: a replica restart and model load
 def test_replica_kill_recovers(server):
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
     pid = server.decoder_pids()[0]
@@ -142,6 +143,7 @@ def test_replica_kill_recovers(server):
     assert pid not in server.decoder_pids()
 
 
+@pytest.mark.slow  # ~1 min: a health-check timeout, a replica restart and model load
 def test_unresponsive_replica_is_replaced(server):
     """A decoder that stops answering (SIGSTOP: a wedged native call looks the same) fails Ray's health check and is
     replaced; meanwhile /health says 503."""
