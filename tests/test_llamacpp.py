@@ -2,7 +2,7 @@
 
 Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model).
 A tree pass may reorder float sums against the one-token pass, so a divergence passes only when the reference's
-top-2 logit gap at that token is below NEAR_TIE; every such case is printed and counted, and the count is bounded.
+top-2 logit gap at that token is below equivalence.NEAR_TIE (1e-3); every such case is printed and counted, and the count is bounded.
 """
 import re
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS, OracleDrafter
-from equivalence import run_decode
+from equivalence import assert_same_or_near_tie, run_decode
 from medusa_core.config import REPO_ROOT, ConfigError, load_config
 from medusa_core.tree import build_tree_buffers, plain_tree
 from medusa_core.tree_presets import preset_paths
@@ -19,7 +19,6 @@ pytest.importorskip("llama_cpp")
 
 CONFIG = REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml"
 N_NEW = 64
-NEAR_TIE = 1e-3  # logits are 10-30; the tree pass is meant to reproduce the sequential pass bit for bit
 TIES_SEEN: list[str] = []
 
 
@@ -41,23 +40,12 @@ def plain(gen):
     return prompts, out
 
 
-def top2_gap(backend, prefix) -> float:
-    fwd, _ = backend.prefill([list(prefix)])
-    top = fwd.logits[0, 0].topk(2).values
-    return float(top[0] - top[1])
-
-
 def same_or_near_tie(backend, prompt, got, ref, label) -> int:
-    """0 if identical; 1 if the first divergence is a near-tie of the reference; otherwise fail."""
-    assert len(got) == len(ref), f"{label}: length {len(got)} != {len(ref)}"
-    if got == ref:
-        return 0
-    i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
-    gap = top2_gap(backend, list(prompt) + ref[:i])
-    assert gap < NEAR_TIE, f"{label}: token {i} differs ({got[i]} vs {ref[i]}), top-2 gap {gap:.2e} is no tie"
-    TIES_SEEN.append(f"{label}: token {i}, gap {gap:.1e}")
-    print(f"near-tie at token {i} ({label}): gap {gap:.2e}")
-    return 1
+    """The shared near-tie check (tests/equivalence.py), with each near-tie also recorded for the count."""
+    tie = assert_same_or_near_tie(backend, prompt, got, ref, label)
+    if tie:
+        TIES_SEEN.append(label)
+    return tie
 
 
 @pytest.mark.parametrize("tree_name, heads", [
