@@ -1,18 +1,20 @@
 """The Decoder deployment: one Medusa generator per replica; concurrent requests are decoded together.
 
-`stream(input)` tokenizes and checks one request, then joins the replica's batch queue. `@serve.batch` hands a
-batch of requests to `decode_batch`, which runs `MedusaGenerator.stream` on all of them at once (one forward pass
-per step for the whole batch) and fans each step's text out to the callers. Each step runs in a worker thread so
-the replica's event loop stays free to admit, cancel and health-check requests while the batch decodes. A caller
-that goes away (client disconnect) sets its job's `cancelled` flag and its row leaves the batch at the next step.
+`stream(input)` tokenizes and checks one request, then `admit`s it: `@serve.batch` gathers requests that arrive
+together and hands them to the replica's `Engine`, which keeps one running batch (a `DecodeSession`, one forward
+pass per step for all rows) and lets them join it at the next step: continuous batching, so a request never waits
+for a whole batch to finish. Each step runs in a worker thread so the replica's event loop stays free to admit,
+cancel and health-check requests; each step's text goes to the callers' queues. A caller that goes away (client
+disconnect) sets its job's `cancelled` flag and its row leaves the batch at the next step.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -20,10 +22,12 @@ from ray import serve
 from deployments.metrics import DecoderMetrics
 from deployments.schemas import DecodeChunk, DecodeInput, ErrorInfo, MedusaStats
 from medusa_core.config import load_config, resolve_repo_path
-from medusa_core.generator import MedusaGenerator, RequestError, TextDelta, TextRequest, load_generator
+from medusa_core.generator import DecodeSession, MedusaGenerator, RequestError, TextDelta, TextRequest, load_generator
 from medusa_core.sampling import SamplingParams
 
 logger = logging.getLogger("ray.serve")
+STUCK_STEP_S = 60.0  # one decode step takes well under a second here; a minute means the backend hangs
+ENGINE_GRACE_S = 30.0  # a timed-out job normally ends within one decode step; this only catches a stopped engine
 
 
 class DecoderOptions(BaseModel):
@@ -38,11 +42,13 @@ class DecoderOptions(BaseModel):
 
 @dataclass
 class Job:
-    """One admitted request. `cancelled` is written by the caller's task and read by the decode thread."""
+    """One request in the replica. `cancelled` is written by the caller's task and read by the decode thread."""
 
     request: TextRequest
     received_at: float
     deadline: float
+    chunks: asyncio.Queue = field(default_factory=asyncio.Queue)  # what the caller streams back
+    key: int = -1  # the request's key in the DecodeSession once admitted
     cancelled: bool = False
     timed_out: bool = False
     batch_size: int = 0
@@ -69,11 +75,25 @@ def should_stop(job: Job) -> bool:
     return job.cancelled or job.timed_out
 
 
+def timeout_chunk(job: Job) -> DecodeChunk:
+    limit = job.deadline - job.received_at
+    return DecodeChunk(error=ErrorInfo(message=f"request timed out after {limit:g} s", type="timeout_error",
+                                       code="timeout"), status=504, finish_reason="timeout")
+
+
+async def next_chunk(job: Job) -> DecodeChunk:
+    """The job's next chunk. The engine ends timed-out jobs itself; the wait is bounded anyway, so that no caller
+    can hang on a replica whose engine stopped."""
+    try:
+        return await asyncio.wait_for(job.chunks.get(), timeout=max(0.0, job.deadline - time.time()) + ENGINE_GRACE_S)
+    except asyncio.TimeoutError:
+        job.timed_out = True
+        return timeout_chunk(job)
+
+
 def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
     if job.timed_out and delta.finish_reason == "cancelled":
-        limit = job.deadline - job.received_at
-        return DecodeChunk(error=ErrorInfo(message=f"request timed out after {limit:g} s", type="timeout_error",
-                                           code="timeout"), status=504, finish_reason="timeout")
+        return timeout_chunk(job)
     stats = None
     if delta.stats is not None:
         s = delta.stats
@@ -87,70 +107,126 @@ def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
                        prompt_tokens=len(job.request.prompt_ids), stats=stats)
 
 
-async def decode_batch(generator: MedusaGenerator, jobs: list[Job], metrics: DecoderMetrics
-                       ) -> AsyncIterator[list[DecodeChunk | type[StopIteration]]]:
-    """Decode the jobs together; per step, one chunk per job (StopIteration once a job has ended)."""
-    start = time.time()
-    for job in jobs:
-        job.batch_size, job.queue_wait_s = len(jobs), max(0.0, start - job.received_at)
-    metrics.record_batch(generator.config.name, len(jobs))
-    steps = generator.stream([j.request for j in jobs], lambda i: should_stop(jobs[i]))
-    ended: set[int] = set()
-    while (deltas := await asyncio.to_thread(next, steps, None)) is not None:
-        # Ray wants one result per job each time: an empty chunk for a job without news this time (a yield that
-        # only reports another job's cancellation), StopIteration for one that has ended.
-        out: list[DecodeChunk | type[StopIteration]] = [
-            StopIteration if i in ended else DecodeChunk(prompt_tokens=len(j.request.prompt_ids))
-            for i, j in enumerate(jobs)]
+class Engine:
+    """The replica's running batch: decodes one step at a time in a worker thread and admits waiting jobs between
+    steps (continuous batching), at most `max_rows` at once. Chunks go to each job's queue."""
+
+    def __init__(self, generator: MedusaGenerator, metrics: DecoderMetrics) -> None:
+        self.generator, self.metrics = generator, metrics
+        self.session = DecodeSession(generator, lambda key: should_stop(self.jobs[key]))
+        self.jobs: dict[int, Job] = {}  # admitted and still decoding, by key
+        self.waiting: list[Job] = []  # gathered by @serve.batch, admitted at the next step
+        self.keys = itertools.count()
+        self.task: asyncio.Task | None = None
+        self.max_rows = DecoderOptions().max_batch_size
+        self.failed: str | None = None  # set when a step raised; check_health then reports the replica broken
+        self.step_started: float | None = None  # while a step runs: when it began (a stuck backend shows here)
+
+    def submit(self, jobs: list[Job]) -> None:
+        self.waiting += jobs
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        while self.waiting or self.session.rows:
+            new = self.admissions()
+            self.step_started = time.time()
+            try:
+                deltas = await asyncio.to_thread(self.session.step, {j.key: j.request for j in new})
+                self.publish(deltas)
+            except Exception as e:  # every job in the batch gets a clean 500; the replica reports unhealthy
+                logger.exception("decode step failed")
+                self.fail(e)
+            finally:
+                self.step_started = None
+
+    def health(self) -> str | None:
+        """Why this replica cannot serve, or None: a step failed, or one has run for longer than STUCK_STEP_S."""
+        if self.failed is not None:
+            return f"decoder failed: {self.failed}"
+        started = self.step_started
+        if started is not None and time.time() - started > STUCK_STEP_S:
+            return f"a decode step has been running for {time.time() - started:.0f} s"
+        return None
+
+    def admissions(self) -> list[Job]:
+        """Waiting jobs that fit the batch now; jobs that ended while waiting get their last chunk."""
+        now, room, new, keep = time.time(), self.max_rows - self.session.rows, [], []
+        for job in self.waiting:
+            if should_stop(job):
+                job.chunks.put_nowait(timeout_chunk(job) if job.timed_out else DecodeChunk(finish_reason="cancelled"))
+            elif len(new) < room:
+                job.key, job.queue_wait_s = next(self.keys), max(0.0, now - job.received_at)
+                new.append(job)
+            else:
+                keep.append(job)
+        self.waiting = keep
+        self.jobs.update({j.key: j for j in new})
+        return new
+
+    def publish(self, deltas: list[TextDelta]) -> None:
+        model = self.generator.config.name
+        self.metrics.record_batch(model, self.session.rows)
+        for job in self.jobs.values():
+            job.batch_size = max(job.batch_size, self.session.rows)
         for d in deltas:
-            out[d.request] = chunk = to_chunk(d, jobs[d.request])
-            if chunk.finish_reason is not None:
-                ended.add(d.request)
+            job = self.jobs[d.request]
+            job.chunks.put_nowait(chunk := to_chunk(d, job))
             if chunk.stats is not None:
-                metrics.record_request(generator.config.name, chunk.stats, chunk.finish_reason or "")
-        yield out
+                self.metrics.record_request(model, chunk.stats, chunk.finish_reason or "")
+            if chunk.finish_reason is not None:
+                del self.jobs[d.request]
+
+    def fail(self, e: Exception) -> None:
+        self.failed = f"{type(e).__name__}: {e}"
+        error = DecodeChunk(error=ErrorInfo(message="internal error while decoding", type="server_error"), status=500)
+        for job in [*self.jobs.values(), *self.waiting]:
+            job.chunks.put_nowait(error)
+        self.jobs, self.waiting = {}, []
+        self.session = DecodeSession(self.generator, self.session.is_cancelled)
 
 
 @serve.deployment
 class Decoder:
     def __init__(self, config: str) -> None:
-        self.generator = load_generator(load_config(resolve_repo_path(config)))
-        self.metrics = DecoderMetrics(self.generator.tree.max_depth)
-        self.failed: str | None = None  # set when a batch raised; check_health then reports the replica broken
+        generator = load_generator(load_config(resolve_repo_path(config)))
+        self.engine = Engine(generator, DecoderMetrics(generator.tree.max_depth))
         self.options = DecoderOptions()
 
     def reconfigure(self, user_config: dict) -> None:
         self.options = DecoderOptions.model_validate(user_config)
-        self.decode_batch.set_max_batch_size(self.options.max_batch_size)
-        self.decode_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+        self.engine.max_rows = self.options.max_batch_size
+        self.admit.set_max_batch_size(self.options.max_batch_size)
+        self.admit.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
 
     def check_health(self) -> None:
-        if self.failed is not None:
-            raise RuntimeError(f"decoder failed: {self.failed}")
+        if (problem := self.engine.health()) is not None:
+            raise RuntimeError(problem)
 
     def info(self) -> dict:
-        return {"model": self.generator.config.name, "context_length": self.generator.backend.context_length}
+        generator = self.engine.generator
+        return {"model": generator.config.name, "context_length": generator.backend.context_length}
 
     async def stream(self, inp: DecodeInput) -> AsyncIterator[DecodeChunk]:
         try:
-            request = to_text_request(self.generator, inp)
+            request = to_text_request(self.engine.generator, inp)
         except RequestError as e:
             yield DecodeChunk(error=ErrorInfo(message=str(e), param=e.param), status=400)
             return
         limit = min(inp.timeout_s or self.options.request_timeout_s, self.options.request_timeout_s)
         job = Job(request, inp.received_at, inp.received_at + limit)
         try:
-            async for chunk in self.decode_batch(job):
+            await self.admit(job)
+            while True:
+                chunk = await next_chunk(job)
                 yield chunk
-        except Exception as e:  # a failed batch: every caller gets a clean 500 and the replica reports unhealthy
-            logger.exception("decode batch failed")
-            self.failed = f"{type(e).__name__}: {e}"
-            yield DecodeChunk(error=ErrorInfo(message="internal error while decoding", type="server_error"),
-                              status=500)
+                if chunk.finish_reason is not None or chunk.error is not None:
+                    return
         finally:
             job.cancelled = True
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def decode_batch(self, jobs: list[Job]) -> AsyncIterator[list[DecodeChunk | type[StopIteration]]]:
-        async for out in decode_batch(self.generator, jobs, self.metrics):
-            yield out
+    async def admit(self, jobs: list[Job]) -> list[None]:
+        """Concurrent arrivals join the running batch together (one prefill for all of them)."""
+        self.engine.submit(jobs)
+        return [None] * len(jobs)

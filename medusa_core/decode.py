@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class StepEvent:
-    request: int  # index into the requests list
+    request: int  # the caller's key for the request (its index, for `decode`)
     tokens: tuple[int, ...]  # tokens emitted for this request in this step
     accept_len: int | None  # speculated tokens accepted; None for the prefill
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled"
@@ -54,6 +54,18 @@ class _Row:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """The running batch: one row per request still decoding, the backend's cache, and per row the root token
+    (chosen, not yet in the cache) and the hidden state that drafts from it. Rows join and leave between steps."""
+
+    keys: tuple[int, ...]  # the caller's id for each row
+    rows: tuple[_Row, ...]
+    cache: Any
+    roots: Tensor  # [B]
+    hidden: Tensor  # [B, H]
+
+
 def propose(root: Tensor, candidates: Tensor | None, tree: TreeBuffers) -> Tensor:
     """root [B], head candidates [B, K, top_k] -> tree tokens [B, T]."""
     if candidates is None:
@@ -64,32 +76,63 @@ def propose(root: Tensor, candidates: Tensor | None, tree: TreeBuffers) -> Tenso
     return flat[:, tree.candidate_index]
 
 
-def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, requests: list[DecodeRequest],
+def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, requests: list[DecodeRequest],
            epsilon: float = 0.09, alpha: float = 0.3, is_cancelled: Callable[[int], bool] = lambda i: False
            ) -> Iterator[list[StepEvent]]:
     """Yield, per step, one event for each request still in the batch; `is_cancelled(i)` drops request i."""
-    rows = [_Row(r, r.sampling.generator(), list(r.prompt_ids)) for r in requests]
-    if not any(r.speculate for r in requests) or drafter is None:
-        tree = plain_tree()
-    fwd, cache = backend.prefill([r.prompt_ids for r in requests])
-    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.generator)
-                          for b, r in enumerate(rows)])
-    hidden = fwd.hidden[:, 0]  # [B, H]
-    active = list(range(len(rows)))
-    yield [_emit(rows[i], [int(roots[b])], None, backend.eos_token_ids, i) for b, i in enumerate(active)]
+    batch, events = admit(backend, None, dict(enumerate(requests)))
+    yield events
     while True:
-        yield from _cancelled_events(rows, active, is_cancelled)
-        keep = [b for b, i in enumerate(active) if rows[i].finish_reason is None]
-        if not keep:
+        batch, events = retire(backend, batch, is_cancelled)
+        if events:
+            yield events
+        if not batch.rows:
             return
-        if len(keep) < len(active):
-            cache = backend.select(cache, torch.tensor(keep))
-            active, roots, hidden = [active[b] for b in keep], roots[keep], hidden[keep]
-        acc, tokens, hidden = step(backend, drafter, tree, cache, roots, hidden, [rows[i] for i in active],
-                                   epsilon, alpha)
-        roots = acc.bonus
-        yield [_emit(rows[i], _step_tokens(tokens[b], acc, b), int(acc.accept_len[b]), backend.eos_token_ids, i)
-               for b, i in enumerate(active)]
+        batch, events = advance(backend, drafter, tree, batch, epsilon, alpha)
+        yield events
+
+
+def admit(backend: Backend, batch: Batch | None, requests: dict[int, DecodeRequest]) -> tuple[Batch, list[StepEvent]]:
+    """Prefill new requests (keyed by the caller's id) and add them to the running batch; emits their first token."""
+    keys, new = tuple(requests), list(requests.values())
+    rows = tuple(_Row(r, r.sampling.generator(), list(r.prompt_ids)) for r in new)
+    fwd, cache = backend.prefill([r.prompt_ids for r in new], None if batch is None else batch.cache)
+    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.generator) for b, r in enumerate(rows)])
+    events = [_emit(row, [int(roots[b])], None, backend.eos_token_ids, keys[b]) for b, row in enumerate(rows)]
+    hidden = fwd.hidden[:, 0]  # [B_new, H]
+    if batch is not None:
+        keys, rows = batch.keys + keys, batch.rows + rows
+        roots, hidden = torch.cat([batch.roots, roots]), torch.cat([batch.hidden, hidden.to(batch.hidden.dtype)])
+    return Batch(keys, rows, cache, roots, hidden), events
+
+
+def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]) -> tuple[Batch, list[StepEvent]]:
+    """Rows that ended (EOS, length) or were cancelled leave the batch; one event per cancelled row."""
+    events = []
+    for key, row in zip(batch.keys, batch.rows):
+        if row.finish_reason is None and is_cancelled(key):
+            row.finish_reason = "cancelled"
+            events.append(StepEvent(key, (), None, "cancelled"))
+    keep = [b for b, row in enumerate(batch.rows) if row.finish_reason is None]
+    if len(keep) == len(batch.rows):
+        return batch, events
+    if not keep:  # the batch is over; the next admission starts a new one
+        return Batch((), (), None, batch.roots[:0], batch.hidden[:0]), events
+    cache = backend.select(batch.cache, torch.tensor(keep, dtype=torch.long))
+    return Batch(tuple(batch.keys[b] for b in keep), tuple(batch.rows[b] for b in keep), cache,
+                 batch.roots[keep], batch.hidden[keep]), events
+
+
+def advance(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, batch: Batch, epsilon: float = 0.09,
+            alpha: float = 0.3) -> tuple[Batch, list[StepEvent]]:
+    """One decode step of the whole batch; plain decoding (the root-only tree) when no row speculates."""
+    if drafter is None or tree is None or not any(r.request.speculate for r in batch.rows):
+        tree = plain_tree()
+    acc, tokens, hidden = step(backend, drafter, tree, batch.cache, batch.roots, batch.hidden, list(batch.rows),
+                               epsilon, alpha)
+    events = [_emit(row, _step_tokens(tokens[b], acc, b), int(acc.accept_len[b]), backend.eos_token_ids, key)
+              for b, (key, row) in enumerate(zip(batch.keys, batch.rows))]
+    return Batch(batch.keys, batch.rows, batch.cache, acc.bonus, hidden), events
 
 
 def step(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, cache, roots: Tensor, hidden: Tensor,
@@ -127,12 +170,3 @@ def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...
     row.emitted += len(out)
     row.history.extend(new)
     return StepEvent(index, tuple(out), accept_len, row.finish_reason)
-
-
-def _cancelled_events(rows: list[_Row], active: list[int], is_cancelled: Callable[[int], bool]
-                      ) -> Iterator[list[StepEvent]]:
-    gone = [i for i in active if rows[i].finish_reason is None and is_cancelled(i)]
-    for i in gone:
-        rows[i].finish_reason = "cancelled"
-    if gone:
-        yield [StepEvent(i, (), None, "cancelled") for i in gone]

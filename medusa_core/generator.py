@@ -1,18 +1,19 @@
 """Text in, text out: prompts and chat messages -> token ids -> the decode loop -> text, stop strings and stats.
 
-`load_generator(config)` builds the backend, heads and tree from a validated config; `MedusaGenerator.stream`
-decodes a batch of requests together and yields text deltas per step; `generate` collects them.
+`load_generator(config)` builds the backend, heads and tree from a validated config; `DecodeSession` is a
+running batch that requests join and leave between steps (continuous batching) and turns decode events into text
+deltas; `MedusaGenerator.stream` decodes a fixed list of requests with one, and `generate` collects them.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
-from medusa_core.decode import DecodeRequest, Drafter, StepEvent, decode
+from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
 from medusa_core.heads import MedusaHeads, load_heads, random_heads
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
@@ -77,7 +78,6 @@ class _Tracker:
     first_token_at: float | None = None
     accept_lens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    closed: bool = False  # the final delta went out; later events (a stop string's cancel) are dropped
 
 
 class MedusaGenerator:
@@ -126,22 +126,53 @@ class MedusaGenerator:
     def stream(self, requests: list[TextRequest], is_cancelled: Callable[[int], bool] = lambda i: False
                ) -> Iterator[list[TextDelta]]:
         """Decode all requests together; yield the text each one gained per step. `is_cancelled(i)` stops one."""
-        for r in requests:
-            self.check(r)
-        stopped: set[int] = set()  # requests that hit a stop string
-        now = time.perf_counter()
-        trackers = [_Tracker(r, now) for r in requests]
-        decode_requests = [DecodeRequest(r.prompt_ids, r.max_new_tokens, r.sampling, r.mode == "medusa",
-                                         r.ignore_eos) for r in requests]
-        dec = self.config.decoding
-        for events in decode(self.backend, self.drafter, self.tree, decode_requests, dec.typical_epsilon,
-                             dec.typical_alpha, lambda i: i in stopped or is_cancelled(i)):
-            deltas = [self._delta(trackers[e.request], e) for e in events if not trackers[e.request].closed]
-            stopped.update(d.request for d in deltas if d.finish_reason == "stop")
-            for d in deltas:
-                trackers[d.request].closed = d.finish_reason is not None
+        session = DecodeSession(self, is_cancelled)
+        deltas = session.step(dict(enumerate(requests)))
+        while True:
             if deltas:
                 yield deltas
+            if not session.rows:
+                return
+            deltas = session.step()
+
+
+class DecodeSession:
+    """A running batch that requests join and leave between steps (continuous batching), with each request's text
+    state. `step` advances the batch by one decode step and admits new requests; one caller steps it at a time.
+    Keys are the caller's ids for requests; `is_cancelled(key)` is read before each step."""
+
+    def __init__(self, generator: MedusaGenerator, is_cancelled: Callable[[int], bool] = lambda key: False) -> None:
+        self.generator, self.is_cancelled = generator, is_cancelled
+        self.batch: Batch | None = None
+        self.trackers: dict[int, _Tracker] = {}  # requests whose final delta has not gone out yet
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch.rows) if self.batch is not None else 0
+
+    def step(self, new: Mapping[int, TextRequest] | None = None) -> list[TextDelta]:
+        """Drop ended rows, advance the batch one step, then prefill `new` into it; the text each request gained."""
+        g, events = self.generator, []
+        for r in (new or {}).values():
+            g.check(r)
+        if self.batch is not None:  # a closed tracker (stop string hit) cancels its row
+            self.batch, events = retire(g.backend, self.batch, lambda k: k not in self.trackers or self.is_cancelled(k))
+            self.batch = self.batch if self.batch.rows else None
+        if self.batch is not None:
+            dec = g.config.decoding
+            self.batch, stepped = advance(g.backend, g.drafter, g.tree, self.batch, dec.typical_epsilon,
+                                          dec.typical_alpha)
+            events += stepped
+        if new:
+            now = time.perf_counter()
+            self.trackers.update({k: _Tracker(r, now) for k, r in new.items()})
+            self.batch, first = admit(g.backend, self.batch, {k: _decode_request(r) for k, r in new.items()})
+            events += first
+        deltas = [self._delta(self.trackers[e.request], e) for e in events if e.request in self.trackers]
+        for d in deltas:
+            if d.finish_reason is not None:
+                del self.trackers[d.request]
+        return deltas
 
     def _delta(self, tr: _Tracker, event: StepEvent) -> TextDelta:
         now = time.perf_counter()
@@ -151,7 +182,7 @@ class MedusaGenerator:
         tr.ids.extend(event.tokens)
         if tr.finish_reason is None and event.finish_reason not in (None, "cancelled"):
             tr.finish_reason = event.finish_reason
-        full = self.tokenizer.decode(tr.ids, skip_special_tokens=True)
+        full = self.generator.tokenizer.decode(tr.ids, skip_special_tokens=True)
         end = _stop_at(full, tr.request.stop, tr.sent)
         if end is not None:
             full, tr.finish_reason = full[:end], "stop"
@@ -165,7 +196,7 @@ class MedusaGenerator:
 
     def _stats(self, tr: _Tracker, now: float) -> GenerationStats:
         steps = len(tr.accept_lens)
-        depth = max(self.tree.max_depth, max(tr.accept_lens, default=0))
+        depth = max(self.generator.tree.max_depth, max(tr.accept_lens, default=0))
         hist = [tr.accept_lens.count(a) for a in range(depth + 1)]
         per_head = [sum(1 for a in tr.accept_lens if a > k) for k in range(depth)]
         wall = now - tr.start
@@ -176,6 +207,10 @@ class MedusaGenerator:
             time_to_first_token_s=(tr.first_token_at or now) - tr.start, wall_time_s=wall,
             tokens_per_second=len(tr.ids) / wall if wall > 0 else 0.0,
         )
+
+
+def _decode_request(r: TextRequest) -> DecodeRequest:
+    return DecodeRequest(r.prompt_ids, r.max_new_tokens, r.sampling, r.mode == "medusa", r.ignore_eos)
 
 
 def _stop_at(text: str, stops: tuple[str, ...], sent: int) -> int | None:

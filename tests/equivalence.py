@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from medusa_core.decode import DecodeRequest, decode
+from medusa_core.decode import DecodeRequest, admit, advance, decode, retire
 
 NEAR_TIE = 1e-3  # top-2 logit gap under which float reordering may legitimately flip an argmax
 
@@ -21,6 +21,29 @@ def run_decode(backend, drafter, tree, prompts, max_new_tokens, speculate=True, 
         for e in events:
             out[e.request].extend(e.tokens)
     return out, steps
+
+
+def run_staggered(backend, drafter, tree, prompts, max_new_tokens, join_at):
+    """Continuous batching: request i joins the running batch before step join_at[i]; token ids per prompt."""
+    out = [[] for _ in prompts]
+    batch = None
+    for step in range(10 * max_new_tokens):
+        events = []
+        if batch is not None:
+            batch, gone = retire(backend, batch, lambda key: False)
+            batch = batch if batch.rows else None
+        if batch is not None:
+            batch, events = advance(backend, drafter, tree, batch)
+        new = {i: DecodeRequest(tuple(p), max_new_tokens, ignore_eos=True)
+               for i, p in enumerate(prompts) if join_at[i] == step}
+        if new:
+            batch, first = admit(backend, batch, new)
+            events += first
+        for e in events:
+            out[e.request].extend(e.tokens)
+        if batch is None and step > max(join_at):
+            return out
+    raise AssertionError("the staggered batch did not finish")
 
 
 def hf_generate(model, prompt, max_new_tokens):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import OracleDrafter
-from equivalence import assert_same_or_near_tie, hf_generate, run_decode
+from equivalence import assert_same_or_near_tie, hf_generate, run_decode, run_staggered
 from medusa_core.heads import random_heads
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import build_tree_buffers
@@ -43,6 +43,19 @@ def test_tiny_medusa_equals_generate(tiny_backend, tiny_refs, tree_name, heads, 
         assert_same_or_near_tie(tiny_backend, p, g, tiny_refs[p], f"{tree_name}/{heads}/{p}")
 
 
+@pytest.mark.parametrize("heads", ["oracle_to_depth_2", "random"])
+def test_requests_joining_a_running_batch_equal_generate(tiny_backend, tiny_refs, heads):
+    """Continuous batching: rows join between steps at other KV lengths and leave when done; outputs unchanged."""
+    tree = build_tree_buffers(preset_paths("mc_16"), top_k=10)
+    if heads == "random":
+        drafter = random_heads(4, 64, seed=3, scale=1.0, dtype=torch.float32)
+    else:
+        drafter = OracleDrafter(tiny_refs, 4, 256, 2)
+    got = run_staggered(tiny_backend, drafter, tree, TINY_PROMPTS, N_NEW, join_at=[0, 3, 9])
+    for p, g in zip(TINY_PROMPTS, got):
+        assert_same_or_near_tie(tiny_backend, p, g, tiny_refs[p], f"staggered {heads}/{p}")
+
+
 def test_mixed_plain_and_medusa_rows_in_one_batch(tiny_backend, tiny_refs):
     from medusa_core.decode import DecodeRequest, decode
 
@@ -60,6 +73,7 @@ def test_mixed_plain_and_medusa_rows_in_one_batch(tiny_backend, tiny_refs):
     assert set(accept[1]) == {0} and max(accept[0]) > 0
 
 
+@pytest.mark.slow  # the engine test (test_engine.py) and the service test decode the embedded model batched too
 def test_embedded_batched_equals_alone(embedded_generator):
     gen = embedded_generator
     prompts = [tuple(gen.encode(p)) for p in ["Hello, my name is", "import numpy as np\n", "1, 2, 3, 4,"]]

@@ -1,6 +1,6 @@
 """The Backend protocol the decode loop talks to, and `load_backend(config)`.
 
-A backend owns the base model and its KV cache. The loop only ever asks it to prefill prompts, to run one forward
+A backend owns the base model and its KV cache. The loop only ever asks it to prefill prompts (alone or into a running batch), to run one forward
 pass over a tree of nodes for every row, to keep the accepted nodes in the cache, and to drop finished rows.
 Backends are imported lazily by name so that a missing optional dependency only matters when it is used.
 """
@@ -31,8 +31,9 @@ class Backend(Protocol):
     dtype: torch.dtype  # the dtype heads should use
     tokenizer: Any  # a transformers tokenizer: encode/decode/apply_chat_template
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, Any]:
-        """Run the prompts; Forward holds only each row's last position ([B, 1, ...]); returns it and the cache."""
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: Any = None) -> tuple[Forward, Any]:
+        """Run the prompts; Forward holds only each row's last position ([B, 1, ...]); returns it and the cache.
+        With a running batch's cache, the new rows join it after its rows (continuous batching)."""
 
     def verify(self, cache: Any, tokens: Tensor, tree: TreeBuffers) -> Forward:
         """tokens [B, T] at positions len_b + depth under the tree mask; tree nodes enter the cache."""

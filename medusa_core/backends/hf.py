@@ -63,7 +63,7 @@ class HFBackend:
         return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, HFCache]:
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: HFCache | None = None) -> tuple[Forward, HFCache]:
         from transformers import DynamicCache
 
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -74,10 +74,10 @@ class HFBackend:
         key_ok = torch.arange(S)[None, :] < lens[:, None]  # [B, S]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = causal[None] & key_ok[:, None, :]  # [B, S, S]
-        cache = HFCache(DynamicCache(config=self.model.config), lens)
-        hidden = self._forward(ids, mask, torch.arange(S).expand(len(prompts), S), cache)  # [B, S, H]
+        new = HFCache(DynamicCache(config=self.model.config), lens)
+        hidden = self._forward(ids, mask, torch.arange(S).expand(len(prompts), S), new)  # [B, S, H]
         last = hidden[torch.arange(len(prompts)), lens - 1].unsqueeze(1)  # [B, 1, H]
-        return Forward(self.lm_head(last), last), cache
+        return Forward(self.lm_head(last), last), new if cache is None else _join(cache, new)
 
     @torch.inference_mode()
     def verify(self, cache: HFCache, tokens: Tensor, tree: TreeBuffers) -> Forward:
@@ -125,6 +125,22 @@ class HFBackend:
         for layer in cache.kv.layers:
             layer.keys, layer.values = layer.keys[:, :, :new_S], layer.values[:, :, :new_S]
         return HFCache(cache.kv, lens)
+
+
+def _join(old: HFCache, new: HFCache) -> HFCache:
+    """Stack two batches' caches row-wise; the shorter is padded on the slot axis (stale slots stay masked)."""
+    assert old.tree_start is None and new.tree_start is None, "join between steps, not inside one"
+    S = max(old.kv.get_seq_length(), new.kv.get_seq_length())
+    for a, b in zip(old.kv.layers, new.kv.layers):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(b, name)  # [B, Hkv, S_x, Dh]
+            setattr(a, name, torch.cat([_pad_slots(x, S), _pad_slots(y, S)]))
+    return HFCache(old.kv, torch.cat([old.lens, new.lens]))
+
+
+def _pad_slots(x: Tensor, S: int) -> Tensor:
+    """[B, Hkv, S_x, Dh] -> [B, Hkv, S, Dh] with zero slots appended."""
+    return torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[2]))
 
 
 def resolve_source(source: Source) -> str:

@@ -10,8 +10,9 @@ or equal positions, it sees the prefix and exactly its ancestors. After acceptan
 into all the row's sequences and every other node is removed (`llama_memory_seq_rm/cp`), so the row again holds
 one path. All rows of a batch go into the same llama_decode.
 
-One batch at a time: a context holds one KV cache, and `prefill` clears it. A cache from an earlier prefill then
-raises instead of reading someone else's cells.
+One batch at a time: a context holds one KV cache, and a `prefill` that starts a batch clears it (a prefill into the
+running batch takes free sequences and appends cells). A cache from an earlier batch then raises instead of reading
+someone else's cells.
 
 Exactness: a row's cells must stay in position order, because attention sums over cells in cell order. So the
 cells of rejected nodes (and of rows that leave the batch) are not freed: they move to a reserved trash sequence
@@ -162,21 +163,30 @@ class LlamaCppBackend:
         missing = self.vocab_size - logits.shape[-1]
         return torch.nn.functional.pad(logits, (0, missing), value=float("-inf")) if missing else logits
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Forward, LlamaCache]:
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: LlamaCache | None = None
+                ) -> tuple[Forward, LlamaCache]:
         B = len(prompts)
-        if B > self.trash_seq:
-            raise ValueError(f"{B} requests exceed base_model.llamacpp.n_seq_max={self.settings.n_seq_max} - 1")
-        self.lc.llama_memory_clear(self.mem, False)
-        self.epoch += 1
-        cache = LlamaCache(self.epoch, [[b] for b in range(B)], [len(p) for p in prompts])
+        if cache is None:  # a new batch: the context starts empty
+            self.lc.llama_memory_clear(self.mem, False)
+            self.epoch += 1
+            cache = LlamaCache(self.epoch, [], [])
+        self._check(cache)
+        used = {s for seqs in cache.seqs for s in seqs}
+        free = [s for s in range(self.trash_seq) if s not in used]
+        if B > len(free):
+            raise ValueError(f"{B} more requests need more than base_model.llamacpp.n_seq_max="
+                             f"{self.settings.n_seq_max} sequences ({len(free)} free, one reserved)")
+        first = len(cache.seqs)
+        cache = LlamaCache(cache.epoch, cache.seqs + [[s] for s in free[:B]], cache.lens + [len(p) for p in prompts])
+        seq = [cache.seqs[first + b][0] for b in range(B)]
         # All but each prompt's last token: no outputs, so no lm_head over the prompt.
-        body = [(list(p[:-1]), b) for b, p in enumerate(prompts)]
+        body = [(list(p[:-1]), seq[b]) for b, p in enumerate(prompts)]
         self.lc.llama_set_embeddings(self.ctx, False)
         entries = [(t, pos, (b,)) for toks, b in body for pos, t in enumerate(toks)]
         for start in range(0, len(entries), self.settings.n_batch):
             self._decode(entries[start : start + self.settings.n_batch], outputs=False)
         self.lc.llama_set_embeddings(self.ctx, True)
-        logits, hidden = self._decode([(p[-1], len(p) - 1, (b,)) for b, p in enumerate(prompts)], outputs=True)
+        logits, hidden = self._decode([(p[-1], len(p) - 1, (seq[b],)) for b, p in enumerate(prompts)], outputs=True)
         return Forward(logits[:, None], hidden[:, None]), cache  # [B, 1, V], [B, 1, H]
 
     def verify(self, cache: LlamaCache, tokens: Tensor, tree: TreeBuffers) -> Forward:
