@@ -1,13 +1,13 @@
 """Medusa on llama.cpp vs plain decoding vs llama-cpp-python's own greedy `create_completion`, side by side.
 
     python benchmarks/bench_llamacpp.py [--config configs/smollm2-135m-llamacpp.yaml] [--gguf FILE]
-        [--trees chain_2 mc_8 mc_16] [--batch-sizes 1 4 8] [--max-tokens 128] [--prompts 8]
+        [--trees chain_2 mc_8 mc_16] [--adaptive mc_16] [--batch-sizes 1 4 8] [--max-tokens 128] [--prompts 8]
 
 One run, the same chat prompts and token budget for every row, greedy, EOS ignored. It prints:
 - the cost curve: ms per llama_decode of N tokens after a 200-token prefix (what a tree of N nodes costs);
 - tokens/s per decoder: llama-cpp-python `Llama.create_completion` (temperature 0) and, when given
   `--prompt-lookup`, its `LlamaPromptLookupDecoding`; plain and Medusa (one row per tree) through our backend,
-  at every batch size; with the Medusa/plain ratio, tokens per step, the share of time spent in the heads,
+  at every batch size (and with `--adaptive`, the adaptive tree); with the Medusa/plain ratio, tokens per step, the share of time spent in the heads,
   and whether Medusa's tokens equal plain's (they must);
 and saves a bar plot next to the table (benchmarks/results/llamacpp.png by default).
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medusa_core.adaptive import calibrate
 from medusa_core.backends.hf import resolve_source
 from medusa_core.config import load_config, resolve_repo_path
 from medusa_core.generator import MedusaGenerator, TextRequest, load_generator
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="override base_model.llamacpp.n_threads")
     ap.add_argument("--head-vocab", type=int, default=None, help="override base_model.llamacpp.head_vocab")
     ap.add_argument("--oracle", action="store_true", help="heads that know plain's output (acceptance upper bound)")
+    ap.add_argument("--adaptive", default=None, metavar="TREE",
+                    help="also run the adaptive tree over this preset's prefixes (timed on startup, learns online)")
     ap.add_argument("--plot", default="benchmarks/results/llamacpp.png")
     args = ap.parse_args()
 
@@ -178,6 +181,9 @@ def main() -> None:
     prompts = [tuple(gen.encode_chat([{"role": "user", "content": p}])) for p in (PROMPTS * 4)[: args.prompts]]
     n, threads = args.max_tokens, base.llamacpp.n_threads or 2
 
+    policy = None
+    if args.adaptive is not None:
+        policy = calibrate(gen.backend, heads, preset_paths(args.adaptive), config.tree.top_k, max(args.batch_sizes))
     curve = cost_curve(gen, [1, 2, 4, 8, 16, 32, 64])
     print("ms per llama_decode of N tokens (200-token prefix): "
           + ", ".join(f"N={k}: {v:.1f}" for k, v in curve.items()))
@@ -207,6 +213,14 @@ def main() -> None:
             share = gen.drafter.seconds / (time.perf_counter() - start)
             same = sum(a == b for a, b in zip(ids, plain_ids))
             rows.append(Row(f"medusa {name}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+        if policy is not None:
+            gen.tree = build_tree_buffers(preset_paths(args.adaptive), config.tree.top_k, gen.drafter.num_heads)
+            gen.policy, gen.drafter.seconds, start = policy, 0.0, time.perf_counter()
+            tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
+            share = gen.drafter.seconds / (time.perf_counter() - start)
+            same = sum(a == b for a, b in zip(ids, plain_ids))
+            rows.append(Row(f"medusa adaptive {args.adaptive}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+            gen.policy = None
     heads_name = "oracle" if args.oracle else config.heads.source.path if config.heads.source else "random"
     title = f"{gguf_path.name}, {threads} threads, {len(prompts)} prompts x {n} tokens, heads: {heads_name}"
     print(title)

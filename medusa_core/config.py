@@ -96,10 +96,18 @@ class HeadsConfig(Strict):
         return self
 
 
+class AdaptiveConfig(Strict):
+    max_batch: int = Field(8, ge=1, le=256, description="Largest batch size the step cost is timed at on startup.")
+    explore_every: int = Field(64, ge=2, description="Every n-th step verifies the whole tree to keep measuring "
+                               "every node's acceptance.")
+
+
 class TreeConfig(Strict):
     preset: str | None = Field(None, description="A name from medusa_core.tree_presets.")
     paths: list[list[int]] | None = Field(None, description="Explicit paths of head ranks (root implicit).")
     top_k: int = Field(10, gt=0, le=64, description="Candidates taken from each head.")
+    adaptive: AdaptiveConfig | None = Field(None, description="Choose a prefix of the tree (or none) per step by "
+                                            "measured cost and acceptance; absent: always the whole tree.")
 
     @model_validator(mode="after")
     def _check(self) -> TreeConfig:

@@ -43,6 +43,7 @@ class StepEvent:
     tokens: tuple[int, ...]  # tokens emitted for this request in this step
     accept_len: int | None  # speculated tokens accepted; None for the prefill
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled"
+    accepted_path: tuple[int, ...] = ()  # path of the deepest accepted node (head ranks), () if none
 
 
 @dataclass
@@ -130,8 +131,8 @@ def advance(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None,
         tree = plain_tree()
     acc, tokens, hidden = step(backend, drafter, tree, batch.cache, batch.roots, batch.hidden, list(batch.rows),
                                epsilon, alpha)
-    events = [_emit(row, _step_tokens(tokens[b], acc, b), int(acc.accept_len[b]), backend.eos_token_ids, key)
-              for b, (key, row) in enumerate(zip(batch.keys, batch.rows))]
+    events = [_emit(row, _step_tokens(tokens[b], acc, b), int(acc.accept_len[b]), backend.eos_token_ids, key,
+                    _accepted_path(tree, acc, b)) for b, (key, row) in enumerate(zip(batch.keys, batch.rows))]
     return Batch(batch.keys, batch.rows, batch.cache, acc.bonus, hidden), events
 
 
@@ -156,7 +157,13 @@ def _step_tokens(tokens: Tensor, acc: Accepted, b: int) -> list[int]:
     return [int(t) for t in accepted] + [int(acc.bonus[b])]
 
 
-def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...], index: int) -> StepEvent:
+def _accepted_path(tree: TreeBuffers, acc: Accepted, b: int) -> tuple[int, ...]:
+    last = int(acc.nodes[b, int(acc.accept_len[b])])
+    return tree.paths[last - 1] if last > 0 else ()
+
+
+def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...], index: int,
+          accepted_path: tuple[int, ...] = ()) -> StepEvent:
     """Apply the stopping rules to a step's tokens and record them on the row."""
     out: list[int] = []
     for t in new:
@@ -169,4 +176,4 @@ def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...
             break
     row.emitted += len(out)
     row.history.extend(new)
-    return StepEvent(index, tuple(out), accept_len, row.finish_reason)
+    return StepEvent(index, tuple(out), accept_len, row.finish_reason, accepted_path)

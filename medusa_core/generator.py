@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from medusa_core.adaptive import TreePolicy, calibrate
 from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
 from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
@@ -81,8 +82,10 @@ class _Tracker:
 
 
 class MedusaGenerator:
-    def __init__(self, config: GeneratorConfig, backend: Backend, drafter: Drafter | None, tree: TreeBuffers):
+    def __init__(self, config: GeneratorConfig, backend: Backend, drafter: Drafter | None, tree: TreeBuffers,
+                 policy: TreePolicy | None = None):
         self.config, self.backend, self.drafter, self.tree = config, backend, drafter, tree
+        self.policy = policy  # adaptive tree choice per step; None: always `tree`
         self.tokenizer = backend.tokenizer
 
     def encode(self, prompt: str) -> list[int]:
@@ -159,10 +162,7 @@ class DecodeSession:
             self.batch, events = retire(g.backend, self.batch, lambda k: k not in self.trackers or self.is_cancelled(k))
             self.batch = self.batch if self.batch.rows else None
         if self.batch is not None:
-            dec = g.config.decoding
-            self.batch, stepped = advance(g.backend, g.drafter, g.tree, self.batch, dec.typical_epsilon,
-                                          dec.typical_alpha)
-            events += stepped
+            events += self._advance()
         if new:
             now = time.perf_counter()
             self.trackers.update({k: _Tracker(r, now) for k, r in new.items()})
@@ -173,6 +173,16 @@ class DecodeSession:
             if d.finish_reason is not None:
                 del self.trackers[d.request]
         return deltas
+
+    def _advance(self) -> list[StepEvent]:
+        """One decode step with the configured tree, or the one the adaptive policy picks for this batch size."""
+        g, dec = self.generator, self.generator.config.decoding
+        tree = g.tree if g.policy is None else g.policy.choose(len(self.batch.rows))
+        self.batch, events = advance(g.backend, g.drafter, tree, self.batch, dec.typical_epsilon, dec.typical_alpha)
+        if g.policy is not None and tree.num_nodes > 1:
+            medusa = [e for e in events if self.trackers[e.request].request.mode == "medusa"]
+            g.policy.observe(tree, [e.accepted_path for e in medusa])
+        return events
 
     def _delta(self, tr: _Tracker, event: StepEvent) -> TextDelta:
         now = time.perf_counter()
@@ -262,5 +272,9 @@ def _heads_folder(heads: HeadsConfig) -> str:
 def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     backend = load_backend(config.base_model)
     drafter = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
-    tree = build_tree_buffers(config.tree.resolved_paths(), config.tree.top_k, drafter.num_heads)
-    return MedusaGenerator(config, backend, drafter, tree)
+    paths = config.tree.resolved_paths()
+    tree = build_tree_buffers(paths, config.tree.top_k, drafter.num_heads)
+    policy = None
+    if (adaptive := config.tree.adaptive) is not None:
+        policy = calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch, adaptive.explore_every)
+    return MedusaGenerator(config, backend, drafter, tree, policy)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medusa_core.sampling import SamplingParams, choose_token, probabilities
+from medusa_core.sampling import SamplingParams, choose_token
 from medusa_core.tree import TreeBuffers
 
 

@@ -1,0 +1,113 @@
+"""Adaptive tree: each step verifies the prefix of the configured tree that promises the most tokens per second at
+the current batch size, down to the root alone (plain decoding) when speculation does not pay.
+
+Both sides are measured, not assumed:
+- cost: `calibrate` times one decode step (heads + verification pass + cache update) on the real backend for each
+  candidate tree and batch sizes 1, 2, 4, ...; other batch sizes interpolate linearly.
+- gain: with distinct candidates among siblings, greedy acceptance accepts at most one node per depth, so a tree's
+  tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
+  nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in
+  the tree, from the running traffic; any prefix of the configured tree is scored from the same counts.
+A node never tried scores 0, so a fresh policy decodes plainly; every `explore_every`-th step verifies the whole
+tree so that every node keeps being measured. The choice never changes the output (verification is lossless);
+it only moves the speed.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medusa_core.backends import Backend
+from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
+
+CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
+
+
+@dataclass
+class TreePolicy:
+    trees: tuple[TreeBuffers, ...]  # candidate prefixes of the configured tree, root alone first
+    batch_sizes: tuple[int, ...]  # calibrated batch sizes, ascending
+    step_s: tuple[tuple[float, ...], ...]  # [batch size][tree] measured seconds of one step
+    explore_every: int = 64
+    accepted: Counter = field(default_factory=Counter)  # node path -> steps it was accepted
+    tried: Counter = field(default_factory=Counter)  # node path -> steps it was in the verified tree
+    steps: int = 0
+
+    def expected_length(self, tree: TreeBuffers) -> float:
+        """Expected tokens per step: 1 + the nodes' measured acceptance rates (0 for a node never tried)."""
+        return 1.0 + sum(self.accepted[p] / self.tried[p] for p in tree.paths if self.tried[p])
+
+    def cost(self, batch: int, index: int) -> float:
+        """Seconds of one step of trees[index] for `batch` rows: interpolated between calibrated batch sizes,
+        proportional to the rows beyond the largest."""
+        xs, ys = self.batch_sizes, [row[index] for row in self.step_s]
+        if batch >= xs[-1]:
+            return ys[-1] * batch / xs[-1]
+        return float(np.interp(batch, xs, ys))
+
+    def choose(self, batch: int) -> TreeBuffers:
+        """The tree for the next step of a batch of `batch` rows."""
+        self.steps += 1
+        if self.steps % self.explore_every == 0:
+            return self.trees[-1]
+        rates = [batch * self.expected_length(t) / self.cost(batch, i) for i, t in enumerate(self.trees)]
+        return self.trees[max(range(len(rates)), key=rates.__getitem__)]
+
+    def observe(self, tree: TreeBuffers, accepted_paths: Sequence[Path]) -> None:
+        """Record one step: the tree verified and, per speculating row, the path it accepted (() for none)."""
+        for p in tree.paths:
+            self.tried[p] += len(accepted_paths)
+        for path in accepted_paths:
+            for d in range(1, len(path) + 1):
+                self.accepted[path[:d]] += 1
+
+
+def prefix_trees(paths: Sequence[Sequence[int]], top_k: int) -> tuple[TreeBuffers, ...]:
+    """The configured tree's prefixes (paths in configured order) of CANDIDATE_SIZES nodes that are trees."""
+    trees = []
+    for n in sorted({min(s, len(paths) + 1) for s in CANDIDATE_SIZES}):
+        prefix = [list(p) for p in paths[: n - 1]]
+        try:
+            validate_paths(prefix, top_k)
+        except ValueError:  # a child listed before its parent: not a tree at this size
+            continue
+        trees.append(build_tree_buffers(prefix, top_k))
+    return tuple(trees)
+
+
+@torch.inference_mode()
+def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
+              explore_every: int = 64, context: int = 64, repeats: int = 2) -> TreePolicy:
+    """Time one step of every candidate tree at batch sizes 1, 2, 4, ... max_batch on this backend."""
+    trees = prefix_trees(paths, top_k)
+    batch_sizes = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
+    step_s = []
+    for b in batch_sizes:
+        _, cache = backend.prefill([list(range(1000, 1000 + context))] * b)  # each pass adds one token per row
+        step_s.append(tuple(_step_seconds(backend, drafter, cache, tree, b, repeats) for tree in trees))
+    return TreePolicy(trees, batch_sizes, tuple(step_s), explore_every)
+
+
+def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: int, repeats: int) -> float:
+    """Best-of-repeats seconds of heads + verify + keep for `batch` rows (accepting the root only); infinite when
+    the backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
+    hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
+    tokens = torch.full((batch, tree.num_nodes), 1000, dtype=torch.long)
+    root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
+    best = float("inf")
+    for i in range(repeats + 1):  # the first pass warms up (and finds out whether the tree fits)
+        start = time.perf_counter()
+        if tree.num_nodes > 1:
+            drafter.draft(hidden, [[] for _ in range(batch)], tree.top_k, backend.lm_head)
+        try:
+            backend.verify(cache, tokens, tree)
+        except ValueError:
+            return float("inf")
+        backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
+        best = min(best, time.perf_counter() - start) if i > 0 else best
+    return best

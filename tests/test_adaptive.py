@@ -1,0 +1,66 @@
+"""The adaptive tree: which prefix of the tree it picks from measured cost and acceptance, and that the choice never
+changes greedy output (embedded model, shipped heads, adaptive policy calibrated on the real backend)."""
+from medusa_core.adaptive import TreePolicy, calibrate, prefix_trees
+from medusa_core.generator import MedusaGenerator, TextRequest
+from medusa_core.tree_presets import preset_paths
+
+PATHS = [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0], [1, 0]]  # 8 nodes, parents listed first
+
+
+def policy(step_s, explore_every=1000) -> TreePolicy:
+    trees = prefix_trees(PATHS, top_k=10)
+    return TreePolicy(trees, (1, 8), step_s, explore_every)
+
+
+def sizes(p: TreePolicy) -> list[int]:
+    return [t.num_nodes for t in p.trees]
+
+
+def test_prefixes_are_trees_smallest_first():
+    trees = prefix_trees(PATHS, top_k=10)
+    assert [t.num_nodes for t in trees] == [1, 2, 4, 8]
+    assert trees[2].paths == ((0,), (1,), (0, 0))
+    shuffled = prefix_trees([[0, 0], [0], [1]], top_k=10)  # a child before its parent: that prefix is skipped
+    assert [t.num_nodes for t in shuffled] == [1, 4]
+
+
+def test_untried_heads_mean_plain_decoding():
+    p = policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2)))
+    assert p.choose(1).num_nodes == 1
+
+
+def test_good_heads_pick_a_tree_and_bigger_batches_shrink_it():
+    # Batch 1: a tree costs little more than one token; batch 8: every node costs (a CPU).
+    p = policy(((1.0, 1.02, 1.06, 1.14), (2.0, 3.0, 5.0, 9.0)))
+    full = p.trees[-1]
+    for _ in range(100):  # head 0's top-1 right 80 % of the time, the chain below it 50 %, the rest 5 %
+        p.observe(full, [(0, 0, 0)] * 4 + [(0,)] * 4 + [()] * 2)
+    assert p.expected_length(full) > 2.0
+    assert p.choose(1).num_nodes == 8
+    assert 1 < p.choose(8).num_nodes < 8
+    assert p.choose(4).num_nodes >= p.choose(8).num_nodes
+
+
+def test_exploration_verifies_the_whole_tree_every_n_steps():
+    p = policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2)), explore_every=4)
+    assert [p.choose(1).num_nodes for _ in range(8)] == [1, 1, 1, 8, 1, 1, 1, 8]
+
+
+def test_cost_interpolates_between_batch_sizes_and_scales_beyond():
+    p = policy(((1.0,) * 4, (8.0,) * 4))
+    assert p.cost(1, 0) == 1.0 and p.cost(8, 0) == 8.0
+    assert abs(p.cost(4, 0) - 4.0) < 1e-9
+    assert p.cost(16, 0) == 16.0
+
+
+def test_adaptive_output_equals_plain(embedded_generator):
+    gen = embedded_generator
+    adaptive = calibrate(gen.backend, gen.drafter, preset_paths("mc_16"), 10, max_batch=2, explore_every=3)
+    assert all(s > 0 for row in adaptive.step_s for s in row)
+    agen = MedusaGenerator(gen.config, gen.backend, gen.drafter, gen.tree, adaptive)
+    reqs = [TextRequest(tuple(gen.encode(p)), 24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
+    got = agen.generate(reqs)
+    ref = gen.generate([TextRequest(r.prompt_ids, 24, mode="plain", ignore_eos=True) for r in reqs])
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+    assert sum(adaptive.tried.values()) > 0, "exploration steps measured the nodes"
