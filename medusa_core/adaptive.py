@@ -3,7 +3,8 @@ the current batch size, down to the root alone (plain decoding) when speculation
 
 Both sides are measured, not assumed:
 - cost: `calibrate` times one decode step (heads + verification pass + cache update) on the real backend for each
-  candidate tree and batch sizes 1, 2, 4, ...; other batch sizes interpolate linearly.
+  candidate tree and batch sizes 1, 2, 4, ...; other batch sizes interpolate linearly. The timings (seconds, once
+  per machine and settings) are kept in .cache/medusa/ so that later replica starts skip them.
 - gain: with distinct candidates among siblings, greedy acceptance accepts at most one node per depth, so a tree's
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
   nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in
@@ -14,6 +15,9 @@ it only moves the speed.
 """
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,6 +84,25 @@ def prefix_trees(paths: Sequence[Sequence[int]], top_k: int) -> tuple[TreeBuffer
     return tuple(trees)
 
 
+def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
+                      explore_every: int, cache_file: pathlib.Path) -> TreePolicy:
+    """The policy with step costs from `cache_file` if an earlier start measured them (the file name carries
+    everything the costs depend on), else measured now and saved there."""
+    if cache_file.is_file():
+        saved = json.loads(cache_file.read_text())
+        trees = prefix_trees(paths, top_k)
+        if saved["nodes"] == [t.num_nodes for t in trees]:
+            step_s = tuple(tuple(row) for row in saved["step_s"])
+            return TreePolicy(trees, tuple(saved["batch_sizes"]), step_s, explore_every)
+    policy = calibrate(backend, drafter, paths, top_k, max_batch, explore_every)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"nodes": [t.num_nodes for t in policy.trees], "batch_sizes": policy.batch_sizes,
+                               "step_s": policy.step_s}))
+    os.replace(tmp, cache_file)  # atomic: replicas starting together read a whole file or none
+    return policy
+
+
 @torch.inference_mode()
 def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
               explore_every: int = 64, context: int = 64, repeats: int = 2) -> TreePolicy:
@@ -88,7 +111,8 @@ def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: 
     batch_sizes = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
     step_s = []
     for b in batch_sizes:
-        _, cache = backend.prefill([list(range(1000, 1000 + context))] * b)  # each pass adds one token per row
+        prompt = [t % backend.vocab_size for t in range(1000, 1000 + context)]  # content does not change the cost
+        _, cache = backend.prefill([prompt] * b)  # each timed pass adds one token per row
         step_s.append(tuple(_step_seconds(backend, drafter, cache, tree, b, repeats) for tree in trees))
     return TreePolicy(trees, batch_sizes, tuple(step_s), explore_every)
 
@@ -97,7 +121,7 @@ def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: in
     """Best-of-repeats seconds of heads + verify + keep for `batch` rows (accepting the root only); infinite when
     the backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
     hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
-    tokens = torch.full((batch, tree.num_nodes), 1000, dtype=torch.long)
+    tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)
     root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
     best = float("inf")
     for i in range(repeats + 1):  # the first pass warms up (and finds out whether the tree fits)

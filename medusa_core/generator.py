@@ -6,12 +6,19 @@ deltas; `MedusaGenerator.stream` decodes a fixed list of requests with one, and 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from medusa_core.adaptive import TreePolicy, calibrate
+import torch
+
+from medusa_core.adaptive import TreePolicy, load_or_calibrate
 from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
 from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
@@ -269,6 +276,14 @@ def _heads_folder(heads: HeadsConfig) -> str:
         ) from e
 
 
+def _cost_file(config: GeneratorConfig) -> Path:
+    """Where the adaptive tree's measured step costs are kept: keyed by the model, heads, tree, threads and CPU."""
+    key = json.dumps([config.base_model.model_dump(mode="json"), config.heads.model_dump(mode="json"),
+                      config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
+                      platform.processor(), os.cpu_count()], sort_keys=True)
+    return resolve_repo_path(".cache/medusa") / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
 def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     backend = load_backend(config.base_model)
     drafter = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
@@ -276,5 +291,6 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     tree = build_tree_buffers(paths, config.tree.top_k, drafter.num_heads)
     policy = None
     if (adaptive := config.tree.adaptive) is not None:
-        policy = calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch, adaptive.explore_every)
+        policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
+                                   adaptive.explore_every, _cost_file(config))
     return MedusaGenerator(config, backend, drafter, tree, policy)

@@ -64,3 +64,17 @@ def test_adaptive_output_equals_plain(embedded_generator):
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
     assert sum(adaptive.tried.values()) > 0, "exploration steps measured the nodes"
+
+
+def test_step_costs_are_measured_once_then_read_back(tiny_backend, tmp_path):
+    from medusa_core.adaptive import load_or_calibrate
+    from medusa_core.heads import random_heads
+
+    import torch
+
+    heads = random_heads(4, 64, seed=0, scale=0.02, dtype=torch.float32)
+    cache = tmp_path / "tree-cost.json"
+    first = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 64, cache)
+    assert cache.is_file() and first.batch_sizes == (1, 2, 4)
+    again = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 64, cache)
+    assert again.step_s == first.step_s and [t.num_nodes for t in again.trees] == [t.num_nodes for t in first.trees]
