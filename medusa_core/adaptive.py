@@ -105,7 +105,7 @@ def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]],
 
 @torch.inference_mode()
 def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
-              explore_every: int = 64, context: int = 64, repeats: int = 2) -> TreePolicy:
+              explore_every: int = 64, context: int = 64, repeats: int = 1) -> TreePolicy:
     """Time one step of every candidate tree at batch sizes 1, 2, 4, ... max_batch on this backend."""
     trees = prefix_trees(paths, top_k)
     batch_sizes = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))

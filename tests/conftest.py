@@ -42,7 +42,9 @@ def embedded_generator():
     from medusa_core.config import DEFAULT_CONFIG, load_config
     from medusa_core.generator import load_generator
 
-    return load_generator(load_config(DEFAULT_CONFIG))
+    # The configured tree every step: tests pin the tree they check; test_adaptive.py builds the adaptive policy.
+    config = load_config(DEFAULT_CONFIG)
+    return load_generator(config.model_copy(update={"tree": config.tree.model_copy(update={"adaptive": None})}))
 
 
 def pytest_collection_modifyitems(items):

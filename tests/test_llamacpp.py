@@ -30,7 +30,8 @@ def gen():
     # One thread: llama.cpp's spinning thread barrier stalls when the 2-core test machine is oversubscribed.
     settings = config.base_model.llamacpp.model_copy(update={"n_threads": 1})
     base = config.base_model.model_copy(update={"torch_threads": None, "llamacpp": settings})
-    return load_generator(config.model_copy(update={"base_model": base}))
+    tree = config.tree.model_copy(update={"adaptive": None})  # the configured tree every step
+    return load_generator(config.model_copy(update={"base_model": base, "tree": tree}))
 
 
 @pytest.fixture(scope="module")
