@@ -54,6 +54,9 @@ def generate(args: argparse.Namespace) -> None:
 
     sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.acceptance)
     config = load_config(args.config)
+    if config.tree.adaptive is not None:  # one request: time the steps of batch size 1 only
+        adaptive = config.tree.adaptive.model_copy(update={"max_batch": 1})
+        config = config.model_copy(update={"tree": config.tree.model_copy(update={"adaptive": adaptive})})
     generator = load_generator(config)
     messages = [{"role": "user", "content": args.prompt}]
     prompt_ids = generator.encode_chat(messages) if args.chat else generator.encode(args.prompt)
