@@ -176,6 +176,7 @@ def main() -> None:
     base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update=overrides)})
     config = config.model_copy(update={"base_model": base})
     gen = load_generator(config)
+    gen.policy = None  # fixed-tree rows use their tree every step; the adaptive row sets its own policy
     heads = gen.drafter
     gguf_path = gen.backend.gguf_path
     prompts = [tuple(gen.encode_chat([{"role": "user", "content": p}])) for p in (PROMPTS * 4)[: args.prompts]]

@@ -9,8 +9,9 @@ Both sides are measured, not assumed:
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
   nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in
   the tree, from the running traffic; any prefix of the configured tree is scored from the same counts.
-A node never tried scores 0, so a fresh policy decodes plainly; every `explore_every`-th step verifies the whole
-tree so that every node keeps being measured. The choice never changes the output (verification is lossless);
+A node never tried scores 0, so a fresh policy decodes plainly; to keep every node measured, the whole tree is
+verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree costs
+more at large batches, so it is explored less often there). The choice never changes the output (verification is lossless);
 it only moves the speed.
 """
 from __future__ import annotations
@@ -37,10 +38,10 @@ class TreePolicy:
     trees: tuple[TreeBuffers, ...]  # candidate prefixes of the configured tree, root alone first
     batch_sizes: tuple[int, ...]  # calibrated batch sizes, ascending
     step_s: tuple[tuple[float, ...], ...]  # [batch size][tree] measured seconds of one step
-    explore_every: int = 64
+    explore_share: float = 0.03
     accepted: Counter = field(default_factory=Counter)  # node path -> steps it was accepted
     tried: Counter = field(default_factory=Counter)  # node path -> steps it was in the verified tree
-    steps: int = 0
+    budget_s: float = 0.0  # step time exploration may still spend
 
     def expected_length(self, tree: TreeBuffers) -> float:
         """Expected tokens per step: 1 + the nodes' measured acceptance rates (0 for a node never tried)."""
@@ -55,12 +56,16 @@ class TreePolicy:
         return float(np.interp(batch, xs, ys))
 
     def choose(self, batch: int) -> TreeBuffers:
-        """The tree for the next step of a batch of `batch` rows."""
-        self.steps += 1
-        if self.steps % self.explore_every == 0:
-            return self.trees[-1]
+        """The tree for the next step of a batch of `batch` rows: the best by expected tokens/s, or the whole tree
+        when the exploration budget (explore_share of the time spent so far) pays for its extra cost."""
         rates = [batch * self.expected_length(t) / self.cost(batch, i) for i, t in enumerate(self.trees)]
-        return self.trees[max(range(len(rates)), key=rates.__getitem__)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        extra = self.cost(batch, len(self.trees) - 1) - self.cost(batch, best)
+        self.budget_s += self.explore_share * self.cost(batch, best)
+        if extra > 0 and self.budget_s >= extra:
+            self.budget_s -= extra
+            return self.trees[-1]
+        return self.trees[best]
 
     def observe(self, tree: TreeBuffers, accepted_paths: Sequence[Path]) -> None:
         """Record one step: the tree verified and, per speculating row, the path it accepted (() for none)."""
@@ -85,7 +90,7 @@ def prefix_trees(paths: Sequence[Sequence[int]], top_k: int) -> tuple[TreeBuffer
 
 
 def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
-                      explore_every: int, cache_file: pathlib.Path) -> TreePolicy:
+                      explore_share: float, cache_file: pathlib.Path) -> TreePolicy:
     """The policy with step costs from `cache_file` if an earlier start measured them (the file name carries
     everything the costs depend on), else measured now and saved there."""
     if cache_file.is_file():
@@ -93,8 +98,8 @@ def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]],
         trees = prefix_trees(paths, top_k)
         if saved["nodes"] == [t.num_nodes for t in trees]:
             step_s = tuple(tuple(row) for row in saved["step_s"])
-            return TreePolicy(trees, tuple(saved["batch_sizes"]), step_s, explore_every)
-    policy = calibrate(backend, drafter, paths, top_k, max_batch, explore_every)
+            return TreePolicy(trees, tuple(saved["batch_sizes"]), step_s, explore_share)
+    policy = calibrate(backend, drafter, paths, top_k, max_batch, explore_share)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"nodes": [t.num_nodes for t in policy.trees], "batch_sizes": policy.batch_sizes,
@@ -105,7 +110,7 @@ def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]],
 
 @torch.inference_mode()
 def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
-              explore_every: int = 64, context: int = 64, repeats: int = 1) -> TreePolicy:
+              explore_share: float = 0.03, context: int = 64, repeats: int = 1) -> TreePolicy:
     """Time one step of every candidate tree at batch sizes 1, 2, 4, ... max_batch on this backend."""
     trees = prefix_trees(paths, top_k)
     batch_sizes = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
@@ -114,7 +119,7 @@ def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: 
         prompt = [t % backend.vocab_size for t in range(1000, 1000 + context)]  # content does not change the cost
         _, cache = backend.prefill([prompt] * b)  # each timed pass adds one token per row
         step_s.append(tuple(_step_seconds(backend, drafter, cache, tree, b, repeats) for tree in trees))
-    return TreePolicy(trees, batch_sizes, tuple(step_s), explore_every)
+    return TreePolicy(trees, batch_sizes, tuple(step_s), explore_share)
 
 
 def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: int, repeats: int) -> float:

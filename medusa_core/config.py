@@ -98,8 +98,8 @@ class HeadsConfig(Strict):
 
 class AdaptiveConfig(Strict):
     max_batch: int = Field(8, ge=1, le=256, description="Largest batch size the step cost is timed at on startup.")
-    explore_every: int = Field(64, ge=2, description="Every n-th step verifies the whole tree to keep measuring "
-                               "every node's acceptance.")
+    explore_share: float = Field(0.03, ge=0, le=0.5, description="Share of decoding time the policy may spend "
+                                 "verifying the whole tree to keep measuring every node's acceptance.")
 
 
 class TreeConfig(Strict):

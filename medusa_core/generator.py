@@ -292,5 +292,5 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     policy = None
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
-                                   adaptive.explore_every, _cost_file(config))
+                                   adaptive.explore_share, _cost_file(config))
     return MedusaGenerator(config, backend, drafter, tree, policy)

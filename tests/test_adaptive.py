@@ -7,9 +7,9 @@ from medusa_core.tree_presets import preset_paths
 PATHS = [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0], [1, 0]]  # 8 nodes, parents listed first
 
 
-def policy(step_s, explore_every=1000) -> TreePolicy:
+def policy(step_s, explore_share=0.0) -> TreePolicy:
     trees = prefix_trees(PATHS, top_k=10)
-    return TreePolicy(trees, (1, 8), step_s, explore_every)
+    return TreePolicy(trees, (1, 8), step_s, explore_share)
 
 
 def sizes(p: TreePolicy) -> list[int]:
@@ -41,9 +41,15 @@ def test_good_heads_pick_a_tree_and_bigger_batches_shrink_it():
     assert p.choose(4).num_nodes >= p.choose(8).num_nodes
 
 
-def test_exploration_verifies_the_whole_tree_every_n_steps():
-    p = policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2)), explore_every=4)
-    assert [p.choose(1).num_nodes for _ in range(8)] == [1, 1, 1, 8, 1, 1, 1, 8]
+def test_exploration_spends_its_share_of_time_on_the_whole_tree():
+    p = policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2)), explore_share=0.05)
+    for batch in (1, 8):
+        picks = [p.choose(batch).num_nodes for _ in range(2000)]
+        assert set(picks) == {1, 8}, "plain, except exploration steps of the whole tree"
+        extra = p.cost(batch, 3) - p.cost(batch, 0)
+        spent = picks.count(8) * extra / (len(picks) * p.cost(batch, 0))
+        assert abs(spent - 0.05) < 0.005, spent
+    assert policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2))).choose(1).num_nodes == 1  # share 0: never
 
 
 def test_cost_interpolates_between_batch_sizes_and_scales_beyond():
@@ -55,7 +61,7 @@ def test_cost_interpolates_between_batch_sizes_and_scales_beyond():
 
 def test_adaptive_output_equals_plain(embedded_generator):
     gen = embedded_generator
-    adaptive = calibrate(gen.backend, gen.drafter, preset_paths("mc_16"), 10, max_batch=2, explore_every=3)
+    adaptive = calibrate(gen.backend, gen.drafter, preset_paths("mc_16"), 10, max_batch=2, explore_share=0.5)
     assert all(s > 0 for row in adaptive.step_s for s in row)
     agen = MedusaGenerator(gen.config, gen.backend, gen.drafter, gen.tree, adaptive)
     reqs = [TextRequest(tuple(gen.encode(p)), 24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
@@ -74,7 +80,7 @@ def test_step_costs_are_measured_once_then_read_back(tiny_backend, tmp_path):
 
     heads = random_heads(4, 64, seed=0, scale=0.02, dtype=torch.float32)
     cache = tmp_path / "tree-cost.json"
-    first = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 64, cache)
+    first = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 0.03, cache)
     assert cache.is_file() and first.batch_sizes == (1, 2, 4)
-    again = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 64, cache)
+    again = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 0.03, cache)
     assert again.step_s == first.step_s and [t.num_nodes for t in again.trees] == [t.num_nodes for t in first.trees]
