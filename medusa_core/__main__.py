@@ -1,4 +1,5 @@
-"""Command line: `python -m medusa_core generate|convert|train|eval|tune-tree [...]` (train/eval/tune-tree: commands.py).
+"""Command line: `python -m medusa_core generate|prepare|convert|train|eval|tune-tree [...]` (train/eval/tune-tree:
+commands.py).
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    prep = sub.add_parser("prepare", help="load a model config's base model once, so that its converted copy and "
+                          "tokenizer are cached before the first test or replica needs them")
+    prep.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)], help="model config YAML files")
     conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder to GGUF (and quantize it)")
     conv.add_argument("folder", help="Hugging Face model folder (config.json, safetensors, tokenizer)")
     conv.add_argument("--out", required=True, help="output .gguf file")
@@ -73,6 +77,15 @@ def generate(args: argparse.Namespace) -> None:
               f"{s.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
 
 
+def prepare(args: argparse.Namespace) -> None:
+    from medusa_core.backends import load_backend
+
+    for path in args.config:
+        config = load_config(path)
+        backend = load_backend(config.base_model)
+        print(f"{path}: {config.name} ready ({config.base_model.backend}, vocab {backend.vocab_size})")
+
+
 def convert(args: argparse.Namespace) -> None:
     from medusa_core.convert import convert as run_convert
 
@@ -82,7 +95,7 @@ def convert(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "convert": convert, "train": commands.train_command, "eval": commands.eval_command,
+        {"generate": generate, "prepare": prepare, "convert": convert, "train": commands.train_command, "eval": commands.eval_command,
          "tune-tree": commands.tune_tree_command}[args.command](args)
     except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

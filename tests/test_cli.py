@@ -52,3 +52,9 @@ def test_bad_arguments(args, message):
 def test_offline_hub_model_says_what_to_download():
     r = cli("--config", "configs/vicuna-7b-v1.3.yaml", "--prompt", "x", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "hf download lmsys/vicuna-7b-v1.3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prepare_names_a_bad_config():
+    r = subprocess.run([sys.executable, "-m", "medusa_core", "prepare", "--config", "configs/nope.yaml"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "config file not found" in r.stderr and "Traceback" not in r.stderr
