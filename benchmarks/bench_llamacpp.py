@@ -7,8 +7,8 @@ One run, the same chat prompts and token budget for every row, greedy, EOS ignor
 - the cost curve: ms per llama_decode of N tokens after a 200-token prefix (what a tree of N nodes costs);
 - tokens/s per decoder: llama-cpp-python `Llama.create_completion` (temperature 0) and, when given
   `--prompt-lookup`, its `LlamaPromptLookupDecoding`; plain and Medusa (one row per tree) through our backend,
-  at every batch size (and with `--adaptive`, the adaptive tree); with the Medusa/plain ratio, tokens per step, the share of time spent in the heads,
-  and whether Medusa's tokens equal plain's (they must);
+  at every batch size (and with `--adaptive`, the adaptive tree); with the Medusa/plain ratio, tokens per step,
+  the share of time spent in the heads, and whether Medusa's tokens equal plain's (they must);
 and saves a bar plot next to the table (benchmarks/results/llamacpp.png by default).
 """
 from __future__ import annotations

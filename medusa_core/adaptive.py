@@ -11,8 +11,8 @@ Both sides are measured, not assumed:
   the tree, from the running traffic; any prefix of the configured tree is scored from the same counts.
 A node never tried scores 0, so a fresh policy decodes plainly; to keep every node measured, the whole tree is
 verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree costs
-more at large batches, so it is explored less often there). The choice never changes the output (verification is lossless);
-it only moves the speed.
+more at large batches, so it is explored less often there). The choice never changes the output (verification is
+lossless); it only moves the speed.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The Backend protocol the decode loop talks to, and `load_backend(config)`.
 
-A backend owns the base model and its KV cache. The loop only ever asks it to prefill prompts (alone or into a running batch), to run one forward
-pass over a tree of nodes for every row, to keep the accepted nodes in the cache, and to drop finished rows.
+A backend owns the base model and its KV cache. The loop only ever asks it to prefill prompts (alone or into a
+running batch), to run one forward pass over a tree of nodes for every row, to keep the accepted nodes in the cache,
+and to drop finished rows.
 Backends are imported lazily by name so that a missing optional dependency only matters when it is used.
 """
 from __future__ import annotations
