@@ -87,7 +87,7 @@ def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, 
         batch, events = retire(backend, batch, is_cancelled)
         if events:
             yield events
-        if not batch.rows:
+        if batch is None:
             return
         batch, events = advance(backend, drafter, tree, batch, epsilon, alpha)
         yield events
@@ -103,12 +103,14 @@ def admit(backend: Backend, batch: Batch | None, requests: dict[int, DecodeReque
     hidden = fwd.hidden[:, 0]  # [B_new, H]
     if batch is not None:
         keys, rows = batch.keys + keys, batch.rows + rows
-        roots, hidden = torch.cat([batch.roots, roots]), torch.cat([batch.hidden, hidden.to(batch.hidden.dtype)])
+        roots, hidden = torch.cat([batch.roots, roots]), torch.cat([batch.hidden, hidden])
     return Batch(keys, rows, cache, roots, hidden), events
 
 
-def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]) -> tuple[Batch, list[StepEvent]]:
-    """Rows that ended (EOS, length) or were cancelled leave the batch; one event per cancelled row."""
+def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]
+           ) -> tuple[Batch | None, list[StepEvent]]:
+    """Rows that ended (EOS, length) or were cancelled leave the batch (None once no row is left; the next
+    admission starts a new one); one event per cancelled row."""
     events = []
     for key, row in zip(batch.keys, batch.rows):
         if row.finish_reason is None and is_cancelled(key):
@@ -117,8 +119,8 @@ def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]) 
     keep = [b for b, row in enumerate(batch.rows) if row.finish_reason is None]
     if len(keep) == len(batch.rows):
         return batch, events
-    if not keep:  # the batch is over; the next admission starts a new one
-        return Batch((), (), None, batch.roots[:0], batch.hidden[:0]), events
+    if not keep:
+        return None, events
     cache = backend.select(batch.cache, torch.tensor(keep, dtype=torch.long))
     return Batch(tuple(batch.keys[b] for b in keep), tuple(batch.rows[b] for b in keep), cache,
                  batch.roots[keep], batch.hidden[keep]), events

@@ -167,7 +167,6 @@ class DecodeSession:
             g.check(r)
         if self.batch is not None:  # a closed tracker (stop string hit) cancels its row
             self.batch, events = retire(g.backend, self.batch, lambda k: k not in self.trackers or self.is_cancelled(k))
-            self.batch = self.batch if self.batch.rows else None
         if self.batch is not None:
             events += self._advance()
         if new:

@@ -30,8 +30,7 @@ def run_staggered(backend, drafter, tree, prompts, max_new_tokens, join_at):
     for step in range(10 * max_new_tokens):
         events = []
         if batch is not None:
-            batch, gone = retire(backend, batch, lambda key: False)
-            batch = batch if batch.rows else None
+            batch, _ = retire(backend, batch, lambda key: False)
         if batch is not None:
             batch, events = advance(backend, drafter, tree, batch)
         new = {i: DecodeRequest(tuple(p), max_new_tokens, ignore_eos=True)

@@ -176,9 +176,8 @@ class LlamaCppBackend:
         if B > len(free):
             raise ValueError(f"{B} more requests need more than base_model.llamacpp.n_seq_max="
                              f"{self.settings.n_seq_max} sequences ({len(free)} free, one reserved)")
-        first = len(cache.seqs)
-        cache = LlamaCache(cache.epoch, cache.seqs + [[s] for s in free[:B]], cache.lens + [len(p) for p in prompts])
-        seq = [cache.seqs[first + b][0] for b in range(B)]
+        seq = free[:B]
+        cache = LlamaCache(cache.epoch, cache.seqs + [[s] for s in seq], cache.lens + [len(p) for p in prompts])
         # All but each prompt's last token: no outputs, so no lm_head over the prompt.
         body = [(list(p[:-1]), seq[b]) for b, p in enumerate(prompts)]
         self.lc.llama_set_embeddings(self.ctx, False)
