@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,6 +28,7 @@ import torch
 
 from medusa_core.backends import Backend
 from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
+from medusa_core.tune_tree import best_time
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 
@@ -128,15 +128,14 @@ def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: in
     hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
     tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)
     root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
-    best = float("inf")
-    for i in range(repeats + 1):  # the first pass warms up (and finds out whether the tree fits)
-        start = time.perf_counter()
+
+    def one_step() -> None:
         if tree.num_nodes > 1:
             drafter.draft(hidden, [[] for _ in range(batch)], tree.top_k, backend.lm_head)
-        try:
-            backend.verify(cache, tokens, tree)
-        except ValueError:
-            return float("inf")
+        backend.verify(cache, tokens, tree)
         backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
-        best = min(best, time.perf_counter() - start) if i > 0 else best
-    return best
+
+    try:
+        return best_time(one_step, repeats)  # the warm-up call finds out whether the tree fits
+    except ValueError:
+        return float("inf")

@@ -61,7 +61,7 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
                       repeats: int = 5) -> list[StepCost]:
     """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt."""
     prompt = list(range(1000, 1000 + context))
-    heads_s = _best_time(lambda: heads.draft(torch.zeros(1, backend.hidden_size, dtype=backend.dtype,
+    heads_s = best_time(lambda: heads.draft(torch.zeros(1, backend.hidden_size, dtype=backend.dtype,
                                                            device=backend.device), [[]], acc.shape[1],
                                                backend.lm_head), repeats)
     costs = []
@@ -75,11 +75,12 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
             backend.verify(cache, tokens, tree)
             backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))  # accept nothing: context grows by 1
 
-        costs.append(StepCost(n, _best_time(one_pass, repeats), heads_s if n > 1 else 0.0))
+        costs.append(StepCost(n, best_time(one_pass, repeats), heads_s if n > 1 else 0.0))
     return costs
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one warm-up call (other load only ever adds time)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
