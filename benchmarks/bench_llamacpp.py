@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-lookup", action="store_true", help="also run LlamaPromptLookupDecoding")
     ap.add_argument("--threads", type=int, default=None, help="override base_model.llamacpp.n_threads")
-    ap.add_argument("--head-vocab", type=int, default=None, help="override base_model.llamacpp.head_vocab")
+    ap.add_argument("--head-vocab", type=int, default=None, help="override heads.head_vocab")
     ap.add_argument("--oracle", action="store_true", help="heads that know plain's output (acceptance upper bound)")
     ap.add_argument("--adaptive", default=None, metavar="TREE",
                     help="also run the adaptive tree over this preset's prefixes (timed on startup, learns online)")
@@ -172,9 +172,12 @@ def main() -> None:
         source = base.source.model_copy(update={"package": None, "path": str(gguf.parent)})
         base = base.model_copy(update={"source": source, "gguf_file": gguf.name})
         config = config.model_copy(update={"base_model": base})
-    overrides = {k: v for k, v in (("n_threads", args.threads), ("head_vocab", args.head_vocab)) if v is not None}
-    base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update=overrides)})
-    config = config.model_copy(update={"base_model": base})
+    if args.threads is not None:
+        base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update={"n_threads": args.threads})})
+    heads_cfg = config.heads
+    if args.head_vocab is not None:
+        heads_cfg = heads_cfg.model_copy(update={"head_vocab": args.head_vocab})
+    config = config.model_copy(update={"base_model": base, "heads": heads_cfg})
     gen = load_generator(config)
     gen.policy = None  # fixed-tree rows use their tree every step; the adaptive row sets its own policy
     heads = gen.drafter

@@ -1,7 +1,8 @@
 """Compare training choices on one cache and a small budget: targets (self vs dataset), loss vocabulary, head count.
 
-    python benchmarks/compare_training.py --train-cache .cache/medusa/train-sharegpt-100000-512.pt \
-        --heldout-cache .cache/medusa/heldout-sharegpt-15000-512.pt --steps 600
+    python -m medusa_core train --data sharegpt --train-tokens 100000 --steps 0 --out /tmp/x  # builds the caches
+    python benchmarks/compare_training.py --train-cache .cache/medusa/train-sharegpt-512 \
+        --heldout-cache .cache/medusa/heldout-sharegpt-512 --steps 1000
 
 Each variant trains from scratch for the same number of steps, then is scored on the held-out cache (top-1 vs the
 base model's argmax, which is what greedy acceptance needs) and by real greedy decoding of held-out chat prompts with

@@ -1,14 +1,18 @@
 """The `train`, `eval` and `tune-tree` subcommands: data -> cache -> heads -> measurements -> tree.
 
-Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), named after the data they
-hold, so training, evaluation and tuning reuse one expensive pass over the base model. A heads folder gets
-`training.json` and `evaluation.json` next to the weights, and its README.md model card is rendered from both.
+Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), one folder per split, data
+and length, in shards of SHARD conversations: training, evaluation and tuning reuse one expensive pass over the base
+model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its finished
+shards. A heads folder gets `training.json` and `evaluation.json` next to the weights, and its README.md model card
+is rendered from both.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,50 +67,61 @@ def _backend(config_path: str):
     return config, load_backend(config.base_model)
 
 
-def _cache(backend, args, held_out: bool, data: str = "sharegpt"):
-    """Load or build the hidden-state cache for the held-in or held-out split."""
+SHARD = 64  # conversations per cache shard: a bigger budget adds shards, an interrupted build resumes at a shard
+
+
+def _cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int = SHARD):
+    """Load or build the held-in or held-out cache: shards of `shard` conversations until the token budget is met."""
     from medusa_core.config import resolve_repo_path
     from medusa_core.distill import HiddenCache
 
     budget = args.eval_tokens if held_out else args.train_tokens
-    name = f"{'heldout' if held_out else 'train'}-{data}-{budget}-{args.max_seq}.pt"
-    path = resolve_repo_path(args.cache_dir) / name
-    if path.is_file():
-        return HiddenCache.load(path), path
-    cache = _build_cache(backend, args, held_out, data, budget)
-    cache.save(path)
-    return cache, path
+    folder = resolve_repo_path(args.cache_dir) / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
+    shards, paths, pool = [], [], None
+    while sum(s.num_tokens for s in shards) < budget:
+        path = folder / f"shard-{len(paths):04d}.pt"
+        if not path.is_file():
+            pool = pool or _sequences(backend, args, held_out, data, skip=len(paths) * shard)
+            chunk = list(itertools.islice(pool, shard))
+            if not chunk:
+                print(f"the {'held-out' if held_out else 'held-in'} split ran out at {len(paths)} shards")
+                break
+            _build_shard(backend, chunk, data, args.max_seq, f"shard {len(paths)}").save(path)
+        shards.append(HiddenCache.load(path))
+        paths.append(path)
+    return HiddenCache.concat(shards), paths
 
 
-def _build_cache(backend, args, held_out: bool, data: str, budget: int):
+def _sequences(backend, args, held_out: bool, data: str, skip: int) -> Iterator:
+    """The split's usable sequences in a fixed order (whole conversations, or first-turn prompts), after `skip`."""
     from medusa_core import data as sharegpt
-    from medusa_core.distill import build_cache, self_generated
 
     conversations, report = sharegpt.read_sharegpt()
     print(f"ShareGPT: {report.complete} complete items, {report.truncated_tail} truncated tail item skipped, "
           f"{report.unusable} without a user->assistant exchange, {report.kept} kept")
     held_in, held_out_convs = sharegpt.split(conversations)
-    pool = held_out_convs if held_out else held_in
     print(f"split: {len(held_in)} held-in, {len(held_out_convs)} held-out conversations")
     tok = backend.tokenizer
-    sequences, total = [], 0
-    for conv in pool:
+    for conv in held_out_convs if held_out else held_in:
         if data == "sharegpt":
             seq = sharegpt.encode_conversation(tok, conv.messages, args.max_seq)
-            if not any(seq.assistant):
-                continue
+            usable = any(seq.assistant)
         else:
             ids = sharegpt.first_turn_prompt(tok, conv, args.max_seq // 2)
-            if ids is None:
-                continue
-            seq = sharegpt.Encoded(ids, [False] * len(ids))
-        sequences.append(seq)
-        total += len(seq.ids) + (args.max_seq // 2 if data == "generated" else 0)
-        if total >= budget:
-            break
+            usable, seq = ids is not None, sharegpt.Encoded(ids or [], [False] * len(ids or []))
+        if usable and skip > 0:
+            skip -= 1
+        elif usable:
+            yield seq
+
+
+def _build_shard(backend, sequences: list, data: str, max_seq: int, desc: str):
+    from medusa_core.distill import build_cache, self_generated
+
     if data == "generated":
-        sequences = self_generated(backend, [s.ids for s in sequences], args.max_seq // 2, batch=32)
-    return build_cache(backend, sequences)
+        sequences = self_generated(backend, [s.ids for s in sequences], max_seq // 2, batch=32,
+                                   desc=f"{desc}: generating replies")
+    return build_cache(backend, sequences, desc=f"{desc}: caching hidden states")
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -114,7 +129,7 @@ def train_command(args: argparse.Namespace) -> None:
     from medusa_core.train import TrainConfig, train, train_ray
 
     config, backend = _backend(args.config)
-    cache, cache_path = _cache(backend, args, held_out=False, data=args.data)
+    cache, cache_paths = _cache(backend, args, held_out=False, data=args.data)
     cfg = TrainConfig(num_heads=args.num_heads, targets=args.targets, vocab=args.vocab, steps=args.steps,
                       batch_positions=args.batch, lr=args.lr, seed=args.seed)
     print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
@@ -123,7 +138,7 @@ def train_command(args: argparse.Namespace) -> None:
         import ray
 
         ray.init(num_cpus=max(args.ray_workers, 1), include_dashboard=False, ignore_reinit_error=True)
-        heads = train_ray(cache_path, cfg, args.out, args.ray_workers, args.gpu)
+        heads = train_ray(cache_paths, cfg, args.out, args.ray_workers, args.gpu)
         seconds, losses = time.perf_counter() - start, []
     else:
         result = train(cache, cfg, args.out, resume=not args.no_resume)
@@ -161,7 +176,7 @@ def _load_heads(config, backend, folder: str | None):
 
     if folder is None:
         return load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
-    return load_heads(folder, backend.hidden_size, backend.vocab_size).to(backend.dtype)
+    return load_heads(folder, backend.hidden_size, backend.vocab_size, config.heads.head_vocab).to(backend.dtype)
 
 
 def eval_command(args: argparse.Namespace) -> None:

@@ -47,8 +47,6 @@ class LlamaCppConfig(Strict):
                           "At 64 and more its CPU matmul changes kernel and the float sums of a tree pass no longer "
                           "equal the sequential pass.")
     n_seq_max: int = Field(64, gt=0, le=256, description="llama.cpp sequences; B rows with a P-leaf tree use B*P.")
-    head_vocab: int | None = Field(None, gt=0, description="Medusa heads score only token ids below this (BPE ids "
-                                   "run roughly by merge frequency): cuts the heads' lm_head cost by V/head_vocab.")
     kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type.")
     flash_attn: bool = Field(True, description="Flash attention: each query row is computed alone, so a tree pass "
                              "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
@@ -88,6 +86,8 @@ class HeadsConfig(Strict):
 
     source: Source | None = None
     random: RandomHeads | None = None
+    head_vocab: int | None = Field(None, gt=0, description="Heads rank only token ids below this (BPE ids run "
+                                   "roughly by merge frequency): cuts the heads' shared lm_head cost by V/head_vocab.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> HeadsConfig:

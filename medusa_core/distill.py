@@ -45,9 +45,23 @@ class HiddenCache:
 
     @classmethod
     def load(cls, path: str | Path) -> HiddenCache:
+        """One cache file, or a folder of shard-*.pt files joined in order."""
+        if Path(path).is_dir() and (shards := sorted(Path(path).glob("shard-*.pt"))):
+            return cls.concat([cls.load(p) for p in shards])
         if not Path(path).is_file():
             raise FileNotFoundError(f"no hidden-state cache at {path}; build it with `python -m medusa_core train`")
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+    @classmethod
+    def concat(cls, parts: list[HiddenCache]) -> HiddenCache:
+        """Caches one after another (e.g. the shards of one split); they must share the lm_head."""
+        if not parts:
+            raise ValueError("no caches to join")
+        assert all(torch.equal(p.lm_head, parts[0].lm_head) for p in parts), "caches of different models"
+        starts = torch.cumsum(torch.tensor([0] + [p.num_tokens for p in parts[:-1]]), 0)
+        return cls(hidden=torch.cat([p.hidden for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
+                   assistant=torch.cat([p.assistant for p in parts]), top_ids=torch.cat([p.top_ids for p in parts]),
+                   seq_end=torch.cat([p.seq_end + s for p, s in zip(parts, starts)]), lm_head=parts[0].lm_head)
 
     def targets(self, positions: Tensor, num_heads: int, kind: str) -> tuple[Tensor, Tensor]:
         """Targets [N, K] for heads at positions [N] (head k: token t+k+2), and where they count [N, K] bool."""

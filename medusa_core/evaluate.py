@@ -29,6 +29,8 @@ def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", m
                    max_positions: int = 2000, chunk: int = 64) -> Tensor:
     """[K, max_rank]: P(head k's target is its rank-r candidate), over held-out assistant positions.
 
+    Heads with a `head_vocab` rank only ids below it: a target at or above it counts as a miss at every rank.
+
     Full-vocabulary logits cost ~K x 28 MFLOP per position, so at most `max_positions` evenly spaced positions
     are ranked (a standard error near 1 % on accuracy).
     """
@@ -37,11 +39,14 @@ def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", m
     positions = positions[torch.linspace(0, len(positions) - 1, min(max_positions, len(positions))).long()]
     counts = torch.zeros(K, max_rank + 1)  # last column: rank >= max_rank
     totals = torch.zeros(K)
+    lm_head = cache.lm_head[: heads.head_vocab]  # [V', H]
     for i in tqdm(range(0, len(positions), chunk), desc="ranking targets", unit="chunk", leave=False):
         pos = positions[i : i + chunk]
         target, valid = cache.targets(pos, K, kind)  # [N, K]
-        logits = heads.head_hidden(cache.hidden[pos].float()) @ cache.lm_head.T  # [N, K, V]
-        rank = (logits > logits.gather(-1, target[..., None])).sum(-1).clamp(max=max_rank)  # [N, K]
+        logits = heads.head_hidden(cache.hidden[pos].float()) @ lm_head.T  # [N, K, V']
+        reachable = target < lm_head.shape[0]
+        score = logits.gather(-1, target.clamp(max=lm_head.shape[0] - 1)[..., None])  # [N, K, 1]
+        rank = torch.where(reachable, (logits > score).sum(-1), max_rank).clamp(max=max_rank)  # [N, K]
         for k in range(K):
             counts[k] += torch.bincount(rank[valid[:, k], k], minlength=max_rank + 1).float()
         totals += valid.sum(0)

@@ -250,9 +250,10 @@ def _safe_end(text: str, stops: tuple[str, ...]) -> int:
 
 def load_drafter(heads: HeadsConfig, hidden: int, vocab: int, dtype, device) -> MedusaHeads:
     if heads.random is not None:
-        drafter = random_heads(heads.random.num_heads, hidden, heads.random.seed, heads.random.scale, dtype)
+        r = heads.random
+        drafter = random_heads(r.num_heads, hidden, r.seed, r.scale, dtype, heads.head_vocab)
     else:
-        drafter = load_heads(_heads_folder(heads), hidden, vocab)
+        drafter = load_heads(_heads_folder(heads), hidden, vocab, heads.head_vocab)
     return drafter.to(device=device, dtype=dtype)
 
 
@@ -275,9 +276,11 @@ def _heads_folder(heads: HeadsConfig) -> str:
         ) from e
 
 
-def _cost_file(config: GeneratorConfig) -> Path:
-    """Where the adaptive tree's measured step costs are kept: keyed by the model, heads, tree, threads and CPU."""
+def _cost_file(config: GeneratorConfig, drafter: MedusaHeads) -> Path:
+    """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (their shape too: a folder
+    can be retrained with more heads), tree, threads and CPU."""
     key = json.dumps([config.base_model.model_dump(mode="json"), config.heads.model_dump(mode="json"),
+                      tuple(drafter.weight.shape),
                       config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
     return resolve_repo_path(".cache/medusa") / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -291,5 +294,5 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     policy = None
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
-                                   adaptive.explore_share, _cost_file(config))
+                                   adaptive.explore_share, _cost_file(config, drafter))
     return MedusaGenerator(config, backend, drafter, tree, policy)

@@ -3,7 +3,8 @@
 Head k (0-based) reads the final-norm hidden state at position t and predicts token t+k+2 (the base model itself
 predicts t+1). Each head is L x ResBlock(H) (`x + SiLU(W x + b)`, W zero-initialised) and then either its own
 Linear(H, V, bias=False) ("legacy" format, as published by FasterDecoding) or the base model's shared lm_head
-("version 2": only the ResBlocks are stored).
+("version 2": only the ResBlocks are stored). With `head_vocab` N the heads rank only token ids below N (a
+serving setting, not stored in the checkpoint): the lm_head is most of a head's cost.
 
 Published file layout (`medusa_lm_head.safetensors` or `.pt`): `{k}.{l}.linear.weight [H, H]`,
 `{k}.{l}.linear.bias [H]`, and in the legacy format `{k}.{L}.weight [V, H]`.
@@ -33,8 +34,10 @@ class HeadsFormatError(ValueError):
 
 
 class MedusaHeads(nn.Module):
-    def __init__(self, num_heads: int, num_layers: int, hidden: int, vocab: int | None) -> None:
+    def __init__(self, num_heads: int, num_layers: int, hidden: int, vocab: int | None,
+                 head_vocab: int | None = None) -> None:
         super().__init__()
+        self.head_vocab = head_vocab  # rank only token ids below this (None: all)
         # Zero weights make every block the identity at init, as in the reference.
         self.weight = nn.Parameter(torch.zeros(num_heads, num_layers, hidden, hidden))  # [K, L, H, H]
         self.bias = nn.Parameter(torch.zeros(num_heads, num_layers, hidden))  # [K, L, H]
@@ -57,11 +60,11 @@ class MedusaHeads(nn.Module):
         return x
 
     def logits(self, hidden: Tensor, shared_lm_head: Callable[[Tensor], Tensor]) -> Tensor:
-        """hidden [B, H] -> head logits [B, K, V]."""
+        """hidden [B, H] -> head logits [B, K, head_vocab or V]."""
         x = self.head_hidden(hidden.to(self.weight.dtype))
         if self.lm_head is None:
-            return shared_lm_head(x.to(hidden.dtype))
-        return torch.einsum("bkh,kvh->bkv", x, self.lm_head)
+            return shared_lm_head(x.to(hidden.dtype), self.head_vocab)
+        return torch.einsum("bkh,kvh->bkv", x, self.lm_head[:, : self.head_vocab])
 
     def draft(self, hidden: Tensor, history: list[list[int]], top_k: int,
               shared_lm_head: Callable[[Tensor], Tensor]) -> Tensor:
@@ -69,9 +72,10 @@ class MedusaHeads(nn.Module):
         return self.logits(hidden, shared_lm_head).topk(top_k, dim=-1).indices
 
 
-def random_heads(num_heads: int, hidden: int, seed: int, scale: float, dtype: torch.dtype) -> MedusaHeads:
+def random_heads(num_heads: int, hidden: int, seed: int, scale: float, dtype: torch.dtype,
+                 head_vocab: int | None = None) -> MedusaHeads:
     """Seeded random version-2 heads (shared lm_head); scale 0 gives the zero-initialised identity heads."""
-    heads = MedusaHeads(num_heads, 1, hidden, vocab=None)
+    heads = MedusaHeads(num_heads, 1, hidden, vocab=None, head_vocab=head_vocab)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         heads.weight.copy_(torch.randn(heads.weight.shape, generator=g) * scale)
@@ -89,7 +93,8 @@ def to_published_state_dict(heads: MedusaHeads) -> dict[str, Tensor]:
     return sd
 
 
-def from_published_state_dict(sd: dict[str, Tensor], hidden: int, vocab: int) -> MedusaHeads:
+def from_published_state_dict(sd: dict[str, Tensor], hidden: int, vocab: int,
+                              head_vocab: int | None = None) -> MedusaHeads:
     """Strictly rebuild heads from the published key layout; errors name every bad key."""
     bad = [k for k in sd if not _KEY.match(k)]
     if bad:
@@ -109,7 +114,7 @@ def from_published_state_dict(sd: dict[str, Tensor], hidden: int, vocab: int) ->
                                f"(H={hidden}, V={vocab}): missing {missing}, unexpected {unexpected}, "
                                f"wrong shape {wrong}")
     dtype = next(iter(sd.values())).dtype
-    heads = MedusaHeads(num_heads, num_layers, hidden, vocab if legacy else None).to(dtype)
+    heads = MedusaHeads(num_heads, num_layers, hidden, vocab if legacy else None, head_vocab).to(dtype)
     with torch.no_grad():
         for k in range(num_heads):
             for layer in range(num_layers):
@@ -132,7 +137,7 @@ def _expected_shapes(num_heads: int, num_layers: int, hidden: int, vocab: int,
     return shapes
 
 
-def load_heads(folder: str | Path, hidden: int, vocab: int) -> MedusaHeads:
+def load_heads(folder: str | Path, hidden: int, vocab: int, head_vocab: int | None = None) -> MedusaHeads:
     """Load a FasterDecoding-format folder: config.json + medusa_lm_head.safetensors (preferred) or .pt."""
     folder = Path(folder)
     files = [folder / f for f in HEADS_FILES if (folder / f).is_file()]
@@ -147,7 +152,7 @@ def load_heads(folder: str | Path, hidden: int, vocab: int) -> MedusaHeads:
             raise HeadsFormatError(f"{files[0]} holds objects other than tensors; refusing to unpickle them") from e
         if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
             raise HeadsFormatError(f"{files[0]} is not a flat state dict of tensors")
-    return from_published_state_dict(sd, hidden, vocab)
+    return from_published_state_dict(sd, hidden, vocab, head_vocab)
 
 
 def save_heads(heads: MedusaHeads, folder: str | Path, base_model: str, fmt: str = "safetensors",

@@ -166,7 +166,7 @@ def _load_checkpoint(path: Path, heads, opt, sched, sampler, cfg: TrainConfig, r
     return state["step"], list(state["losses"]), state["seconds"]
 
 
-def train_ray(cache_path: str | Path, cfg: TrainConfig, out_dir: str | Path, num_workers: int,
+def train_ray(cache_paths: list[Path], cfg: TrainConfig, out_dir: str | Path, num_workers: int,
               use_gpu: bool = False) -> MedusaHeads:
     """Data-parallel training on Ray Train workers; rank 0 checkpoints into out_dir. Returns the trained heads."""
     from ray.train import ScalingConfig
@@ -174,7 +174,7 @@ def train_ray(cache_path: str | Path, cfg: TrainConfig, out_dir: str | Path, num
 
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cache_path": str(cache_path), "cfg": asdict(cfg), "out_dir": str(out_dir)},
+        train_loop_config={"cache_paths": [str(p) for p in cache_paths], "cfg": asdict(cfg), "out_dir": str(out_dir)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
@@ -190,6 +190,6 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     torch.set_num_threads(1)  # workers share the machine's cores
-    cache = HiddenCache.load(config["cache_path"])
+    cache = HiddenCache.concat([HiddenCache.load(p) for p in config["cache_paths"]])
     train(cache, TrainConfig(**config["cfg"]), config["out_dir"], resume=True,
           rank=ctx.get_world_rank(), world=ctx.get_world_size())

@@ -64,7 +64,7 @@ def test_llamacpp_settings(tmp_path):
     cfg = load_config(write(tmp_path, LLAMACPP))
     s = cfg.base_model.llamacpp
     assert (s.n_ctx, s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (1024, 2, 64, 4, "f32", True)
-    assert s.n_ubatch == 63 and s.head_vocab is None
+    assert s.n_ubatch == 63
 
 
 @pytest.mark.parametrize("change, field", [

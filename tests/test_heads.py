@@ -82,11 +82,27 @@ def test_missing_folder_files(tmp_path):
         load_heads(tmp_path, H, V)
 
 
+def shared_lm_head(seed=0):
+    """A version-2 heads' shared lm_head over token ids below `vocab`, like Backend.lm_head."""
+    weight = torch.randn(V, H, generator=torch.Generator().manual_seed(seed))  # [V, H]
+    return lambda x, vocab=None: x @ weight[:vocab].T
+
+
 def test_zero_heads_are_identity_and_draft_shapes():
     heads = MedusaHeads(4, 1, H, vocab=None)
-    lm = torch.nn.Linear(H, V, bias=False)
+    lm = shared_lm_head()
     hidden = torch.randn(2, H)
     logits = heads.logits(hidden, lm)
     assert logits.shape == (2, 4, V)
     torch.testing.assert_close(logits[:, 2], lm(hidden))  # zero-initialised ResBlock = identity
     assert heads.draft(hidden, [[], []], 5, lm).shape == (2, 4, 5)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_head_vocab_ranks_only_the_first_ids(tmp_path, legacy):
+    write(tmp_path, published(4, legacy, torch.float32), "safetensors")
+    full, cut = load_heads(tmp_path, H, V), load_heads(tmp_path, H, V, head_vocab=12)
+    hidden, lm = torch.randn(64, H), shared_lm_head()
+    torch.testing.assert_close(cut.logits(hidden, lm), full.logits(hidden, lm)[..., :12])
+    drafted = cut.draft(hidden, [[]] * 64, 5, lm)  # [B, K, 5]
+    assert drafted.max() < 12 and full.draft(hidden, [[]] * 64, 5, lm).max() >= 12

@@ -40,6 +40,17 @@ def test_cache_layout(cache, tiny_backend):
     assert torch.equal(target[:, 0], cache.top_ids[pool[:5] + 1, 0])  # head 0 at t learns the argmax at t+1
 
 
+def test_shards_concatenate_to_the_whole_cache(cache, tiny_backend):
+    seqs = sequences(12, 40)  # equal lengths: build_cache keeps their order
+    shards = [build_cache(tiny_backend, seqs[:5], top_k=4), build_cache(tiny_backend, seqs[5:], top_k=4)]
+    joined = HiddenCache.concat(shards)
+    for name in ("tokens", "assistant", "top_ids", "seq_end"):
+        assert torch.equal(getattr(joined, name), getattr(cache, name)), name
+    torch.testing.assert_close(joined.hidden, cache.hidden, atol=2e-3, rtol=0)  # fp16; batch shapes differ
+    target, valid = joined.targets(loss_positions(joined), 3, "self")
+    assert torch.equal(target, cache.targets(loss_positions(cache), 3, "self")[0])
+
+
 @pytest.mark.parametrize("targets,vocab", [("self", "batch"), ("dataset", "full")])
 def test_training_lowers_the_loss(cache, targets, vocab):
     c = cfg(targets=targets, vocab=vocab)
@@ -78,11 +89,12 @@ def test_ray_train_two_workers(cache, tmp_path):
     from medusa_core.train import train_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cache.save(tmp_path / "cache.pt")
+    cache.save(tmp_path / "shard-0.pt")  # workers load and join the shards they are given
+    cache.save(tmp_path / "shard-1.pt")
     c = cfg(steps=10)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        heads = train_ray(tmp_path / "cache.pt", c, tmp_path / "out", num_workers=2)
+        heads = train_ray([tmp_path / "shard-0.pt", tmp_path / "shard-1.pt"], c, tmp_path / "out", num_workers=2)
     finally:
         ray.shutdown()
     save_heads(heads, tmp_path / "heads", "tiny")
@@ -90,3 +102,18 @@ def test_ray_train_two_workers(cache, tmp_path):
     assert loaded.num_heads == 3 and loaded.weight.abs().sum() > 0
     probe = loss_positions(cache)[:200]
     assert float(head_loss(loaded, cache, probe, c)) < float(head_loss(new_heads(c, 64), cache, probe, c))
+
+
+def test_rank_histogram_counts_targets_beyond_head_vocab_as_misses(cache):
+    from medusa_core.evaluate import rank_histogram
+
+    heads = train(cache, cfg(steps=30)).heads
+    full = rank_histogram(heads, cache, max_rank=60)  # [K, R]
+    cut_at = 35  # ids run 10..59: some targets lie at or above 35
+    heads.head_vocab = cut_at
+    cut = rank_histogram(heads, cache, max_rank=60)
+    pool = loss_positions(cache)
+    target, valid = cache.targets(pool, 3, "self")
+    reachable = ((target < cut_at) & valid).sum(0) / valid.sum(0)  # [K]
+    torch.testing.assert_close(cut.sum(1), reachable)  # every reachable target has some rank below 60
+    assert bool((cut.sum(1) < full.sum(1) - 0.05).all())

@@ -45,8 +45,9 @@ class Backend(Protocol):
     def select(self, cache: Any, rows: Tensor) -> Any:
         """Keep only these batch rows (finished rows leave the batch)."""
 
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        """[..., H] -> [..., V]: the base model's output projection, shared by version-2 heads."""
+    def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
+        """[..., H] -> [..., vocab or V]: the base model's output projection over token ids below `vocab` (all by
+        default), shared by version-2 heads."""
 
 
 def load_backend(config: BaseModelConfig) -> Backend:

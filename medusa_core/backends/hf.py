@@ -59,8 +59,9 @@ class HFBackend:
             tokenizer.chat_template = config.chat_template
         return cls(model.to(config.device), tokenizer, config.context_length)
 
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
+    def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
+        weight = self.model.lm_head.weight[:vocab]  # [vocab or V, H]; Llama's lm_head has no bias
+        return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], cache: HFCache | None = None) -> tuple[Forward, HFCache]:

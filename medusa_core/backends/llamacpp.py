@@ -154,14 +154,11 @@ class LlamaCppBackend:
 
     @cached_property
     def output_weight(self) -> Tensor:
-        """[N, H] fp32 for the heads' shared lm_head (N = head_vocab or V), dequantized from the GGUF on first use."""
-        return read_output_weight(self.gguf_path)[: self.settings.head_vocab]
+        """[V, H] fp32 for the heads' shared lm_head, dequantized from the GGUF on first use."""
+        return read_output_weight(self.gguf_path)
 
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        """[..., H] -> [..., V]; with head_vocab N, ids from N up score -inf (heads never propose them)."""
-        logits = hidden.float() @ self.output_weight.T  # [..., N]
-        missing = self.vocab_size - logits.shape[-1]
-        return torch.nn.functional.pad(logits, (0, missing), value=float("-inf")) if missing else logits
+    def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
+        return hidden.float() @ self.output_weight[:vocab].T  # [..., vocab or V]
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LlamaCache | None = None
                 ) -> tuple[Forward, LlamaCache]:
