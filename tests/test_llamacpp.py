@@ -136,7 +136,11 @@ def test_hidden_state_feeds_the_heads(gen):
     ours, theirs = gen.backend.lm_head(fwd.hidden[0, 0]), fwd.logits[0, 0]
     # llama.cpp multiplies Q8_0 weights by 8-bit-quantized activations; torch uses the dequantized fp32 weights
     torch.testing.assert_close(ours, theirs, atol=0.5, rtol=0)
-    assert set(ours.topk(5).indices.tolist()) == set(theirs.topk(5).indices.tolist())
+    top_ours, top_theirs = ours.topk(5), theirs.topk(5)
+    assert int(top_ours.indices[0]) == int(top_theirs.indices[0])
+    # A near-tie at the 5th place may swap with the 6th (which one depends on the CPU's SIMD path): every token of
+    # our top-5 is within the tolerance of llama.cpp's 5th-best logit.
+    assert bool((theirs[top_ours.indices] >= top_theirs.values[-1] - 0.5).all())
 
 
 def test_stale_cache_and_sequence_limit(gen):
