@@ -21,6 +21,7 @@ MC_SIM_7B_63: list[list[int]] = [
 # rank accuracies of the shipped heads/smollm2-135m-instruct with head_vocab 8192, and the best size by measured
 # step cost on 2 CPU cores: head 1's top-5 alternatives, plus head 2 behind head 1's top-2 (see the heads' README).
 SMOLLM2_GREEDY_8: list[list[int]] = [[0], [1], [0, 0], [2], [3], [0, 1], [4]]
+SMOLLM2_GREEDY_4: list[list[int]] = SMOLLM2_GREEDY_8[:3]  # the greedy order's first 3 speculated nodes
 
 
 def _chain(depth: int) -> list[list[int]]:
@@ -34,6 +35,8 @@ TREE_PRESETS: dict[str, list[list[int]]] = {
     "mc_16": MC_SIM_7B_63[:16],
     "mc_32": MC_SIM_7B_63[:32],
     "smollm2_greedy_8": SMOLLM2_GREEDY_8,
+    "smollm2_greedy_4": SMOLLM2_GREEDY_4,
+    "chain_1": _chain(1),
     "chain_2": _chain(2),
     "chain_3": _chain(3),
     "chain_4": _chain(4),

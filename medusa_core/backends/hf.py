@@ -3,6 +3,11 @@
 Tree verification goes through the model's public forward: a 4-D boolean attention mask [B, 1, T, S+T], explicit
 position ids (len_b + depth) and a transformers DynamicCache. No modeling file is patched.
 
+On the CPU every nn.Linear of the model is swapped for `RowsLinear`, which computes the same product as
+(W @ x.T).T for up to 8 rows: MKL's kernels for x @ W.T with few rows run 1.3-3x slower than that layout on this
+machine (`python benchmarks/cpu_matmul.py` prints both), and decode steps and small tree verifications are few-row
+products.
+
 Cache layout: rows share one slot axis. Row b's tokens occupy slots [0, len_b); slots from len_b up to the common
 length hold stale entries that the mask hides. A verify pass appends T tree slots for every row; `keep` moves the
 accepted nodes to [len_b, len_b + keep_len_b) and crops the common length to the longest row.
@@ -16,11 +21,46 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from medusa_core.backends import Forward
 from medusa_core.config import BaseModelConfig, Source, resolve_repo_path
 from medusa_core.tree import TreeBuffers
+
+ROWS_LINEAR_MAX = 8  # above this many rows nn.Linear's own product is as fast or faster (cpu_matmul.py)
+
+
+class RowsLinear(nn.Linear):
+    """nn.Linear whose product for few rows runs as (W @ x.T).T, the faster CPU kernel; same parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rows_linear(x, self.weight, self.bias)
+
+
+def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., H_in] @ weight.T [H_in, H_out] (+ bias), as (W @ x.T).T for up to ROWS_LINEAR_MAX rows. A single
+    row is padded to two: MKL's matrix-vector kernel is as slow as the product this avoids."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, H_in]; a column-major x would hit the slow kernel again
+    M = rows.shape[0]
+    if M > ROWS_LINEAR_MAX:
+        return nn.functional.linear(x, weight, bias)
+    if M == 1:
+        rows = nn.functional.pad(rows, (0, 0, 0, 1))
+    out = (weight @ rows.t())[:, :M].t().contiguous()  # [M, H_out]
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def use_rows_linear(model: nn.Module) -> None:
+    """Swap every nn.Linear in the model for a RowsLinear sharing its parameters."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            fast = RowsLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device="meta")
+            fast.weight, fast.bias = module.weight, module.bias
+            model.set_submodule(name, fast)
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,6 +89,8 @@ class HFBackend:
         self.eos_token_ids = tuple(sorted(set(eos)))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if self.device.type == "cpu":
+            use_rows_linear(self.model)
 
     @classmethod
     def load(cls, config: BaseModelConfig) -> HFBackend:
@@ -61,7 +103,9 @@ class HFBackend:
 
     def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
         weight = self.model.lm_head.weight[:vocab]  # [vocab or V, H]; Llama's lm_head has no bias
-        return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+        if weight.device.type == "cpu":
+            return rows_linear(hidden.to(weight.dtype), weight).float()
+        return nn.functional.linear(hidden.to(weight.dtype), weight).float()
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], cache: HFCache | None = None) -> tuple[Forward, HFCache]:
