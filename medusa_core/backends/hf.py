@@ -4,9 +4,11 @@ Tree verification goes through the model's public forward: a 4-D boolean attenti
 position ids (len_b + depth) and a transformers DynamicCache. No modeling file is patched.
 
 On the CPU every nn.Linear of the model is swapped for `RowsLinear`, which computes the same product as
-(W @ x.T).T for up to 8 rows: MKL's kernels for x @ W.T with few rows run 1.3-3x slower than that layout on this
+(W @ x.T).T for up to 4 rows per thread: MKL's kernels for x @ W.T with few rows run 1.3-3x slower than that layout on this
 machine (`python benchmarks/cpu_matmul.py` prints both), and decode steps and small tree verifications are few-row
-products.
+products. Attention on the CPU runs through SDPA with `enable_gqa` under the tree mask (`gqa_sdpa`, registered with transformers'
+AttentionInterface): transformers' own SDPA path copies every layer's keys and values once per query group when a
+mask is given, which cost a 4-node step ~4.5 ms of ~30.
 
 Cache layout: rows share one slot axis. Row b's tokens occupy slots [0, len_b); slots from len_b up to the common
 length hold stale entries that the mask hides. A verify pass appends T tree slots for every row; `keep` moves the
@@ -27,7 +29,9 @@ from medusa_core.backends import Forward
 from medusa_core.config import BaseModelConfig, Source, resolve_repo_path
 from medusa_core.tree import TreeBuffers
 
-ROWS_LINEAR_MAX = 8  # above this many rows nn.Linear's own product is as fast or faster (cpu_matmul.py)
+# Up to this many rows per torch thread (W @ x.T).T is the faster product; above, nn.Linear's own is as fast or
+# faster (benchmarks/cpu_matmul.py: the cross-over is at 5-6 rows on 1 thread, 11-12 on 2).
+ROWS_PER_THREAD = 4
 
 
 class RowsLinear(nn.Linear):
@@ -38,11 +42,11 @@ class RowsLinear(nn.Linear):
 
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., H_in] @ weight.T [H_in, H_out] (+ bias), as (W @ x.T).T for up to ROWS_LINEAR_MAX rows. A single
-    row is padded to two: MKL's matrix-vector kernel is as slow as the product this avoids."""
+    """x [..., H_in] @ weight.T [H_in, H_out] (+ bias), as (W @ x.T).T for up to ROWS_PER_THREAD rows per thread.
+    A single row is padded to two: MKL's matrix-vector kernel is as slow as the product this avoids."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, H_in]; a column-major x would hit the slow kernel again
     M = rows.shape[0]
-    if M > ROWS_LINEAR_MAX:
+    if M > ROWS_PER_THREAD * torch.get_num_threads():
         return nn.functional.linear(x, weight, bias)
     if M == 1:
         rows = nn.functional.pad(rows, (0, 0, 0, 1))
@@ -60,6 +64,24 @@ def use_rows_linear(model: nn.Module) -> None:
                               device="meta")
             fast.weight, fast.bias = module.weight, module.bias
             model.set_submodule(name, fast)
+
+
+def gqa_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """query [B, heads, T, D], key/value [B, kv_heads, S, D], boolean mask [B, 1, T, S] -> [B, T, heads, D]."""
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=attention_mask is None and query.shape[2] > 1, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_sdpa(model: nn.Module) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("gqa_sdpa", gqa_sdpa)
+    AttentionMaskInterface.register("gqa_sdpa", sdpa_mask)  # masks are built as for SDPA (boolean, True = attend)
+    model.set_attn_implementation("gqa_sdpa")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,6 +113,7 @@ class HFBackend:
         self.dtype = next(model.parameters()).dtype
         if self.device.type == "cpu":
             use_rows_linear(self.model)
+            use_gqa_sdpa(self.model)
 
     @classmethod
     def load(cls, config: BaseModelConfig) -> HFBackend:

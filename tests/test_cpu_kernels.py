@@ -1,13 +1,14 @@
-"""RowsLinear: the CPU backend's faster product for few rows computes nn.Linear's result and keeps its parameters."""
+"""The CPU backend's kernels (RowsLinear, gqa_sdpa) compute what stock transformers computes, parameters untouched."""
 import pytest
 import torch
 from torch import nn
 
-from medusa_core.backends.hf import ROWS_LINEAR_MAX, HFBackend, RowsLinear, rows_linear
+from medusa_core.backends.hf import ROWS_PER_THREAD, HFBackend, RowsLinear, rows_linear
+from medusa_core.tree import build_tree_buffers
 from tests.conftest import tiny_llama
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, ROWS_LINEAR_MAX, ROWS_LINEAR_MAX + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, ROWS_PER_THREAD, 2 * ROWS_PER_THREAD, 2 * ROWS_PER_THREAD + 1, 40])
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_linear_equals_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -40,3 +41,21 @@ def test_cpu_backend_swaps_every_linear_and_keeps_tied_weights():
     assert backend.model.lm_head.weight is backend.model.model.embed_tokens.weight
     with torch.inference_mode():
         torch.testing.assert_close(backend.model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_pass_equals_stock_transformers():
+    stock = tiny_llama(seed=3)  # nn.Linear and transformers' SDPA attention
+    backend = HFBackend(tiny_llama(seed=3), tokenizer=None)
+    assert backend.model.config._attn_implementation == "gqa_sdpa"
+    prompt, chain = [5, 17, 42, 9, 77, 3], [11, 12, 13]
+    tree = build_tree_buffers([[0], [0, 0], [1], [0, 0, 0]], top_k=10)  # node order: root, a, b, aa, aaa
+    tokens = torch.tensor([[chain[0], chain[1], 99, chain[2], 100]])  # [B, T]; b (99) is a sibling off the chain
+    first, cache = backend.prefill([prompt])
+    out = backend.verify(cache, tokens, tree)
+    with torch.inference_mode():
+        ref = stock(torch.tensor([prompt + chain + [100]])).logits[0]  # [S, V]
+        ref_b = stock(torch.tensor([prompt + chain[:1] + [99]])).logits[0, -1]
+    torch.testing.assert_close(first.logits[0, 0], ref[len(prompt) - 1], atol=1e-4, rtol=1e-4)
+    for node, pos in [(0, 0), (1, 1), (3, 2), (4, 3)]:  # chain nodes against the sequential pass
+        torch.testing.assert_close(out.logits[0, node], ref[len(prompt) + pos], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[0, 2], ref_b, atol=1e-4, rtol=1e-4)
