@@ -14,7 +14,8 @@ import argparse
 import torch
 from torch import nn
 
-from medusa_core.backends.hf import load_model_and_tokenizer, rows_linear
+from medusa_core.backends.hf import load_model_and_tokenizer
+from medusa_core.backends.kernels import rows_linear
 from medusa_core.config import load_config
 from medusa_core.tune_tree import best_time
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from medusa_core.backends.hf import ROWS_PER_THREAD, HFBackend, RowsLinear, rows_linear
+from medusa_core.backends.hf import HFBackend, RowsLinear
+from medusa_core.backends.kernels import ROWS_PER_THREAD, rows_linear
 from medusa_core.tree import build_tree_buffers
 from tests.conftest import tiny_llama
 

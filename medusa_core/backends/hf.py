@@ -3,12 +3,10 @@
 Tree verification goes through the model's public forward: a 4-D boolean attention mask [B, 1, T, S+T], explicit
 position ids (len_b + depth) and a transformers DynamicCache. No modeling file is patched.
 
-On the CPU every nn.Linear of the model is swapped for `RowsLinear`, which computes the same product as
-(W @ x.T).T for up to 4 rows per thread: MKL's kernels for x @ W.T with few rows run 1.3-3x slower than that layout on this
-machine (`python benchmarks/cpu_matmul.py` prints both), and decode steps and small tree verifications are few-row
-products. Attention on the CPU runs through SDPA with `enable_gqa` under the tree mask (`gqa_sdpa`, registered with transformers'
-AttentionInterface): transformers' own SDPA path copies every layer's keys and values once per query group when a
-mask is given, which cost a 4-node step ~4.5 ms of ~30.
+On the CPU every nn.Linear of the model is swapped for `RowsLinear`, whose few-row products run as (W @ x.T).T
+(`kernels.rows_linear`: 1.3-3x faster here), and attention runs through SDPA with `enable_gqa` under the tree mask
+(`gqa_sdpa`, registered with transformers' AttentionInterface): transformers' own SDPA path copies every layer's
+keys and values once per query group whenever a mask is given, ~4.5 ms of a ~30 ms 4-node step.
 
 Cache layout: rows share one slot axis. Row b's tokens occupy slots [0, len_b); slots from len_b up to the common
 length hold stale entries that the mask hides. A verify pass appends T tree slots for every row; `keep` moves the
@@ -26,12 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from medusa_core.backends import Forward
+from medusa_core.backends.kernels import rows_linear
 from medusa_core.config import BaseModelConfig, Source, resolve_repo_path
 from medusa_core.tree import TreeBuffers
-
-# Up to this many rows per torch thread (W @ x.T).T is the faster product; above, nn.Linear's own is as fast or
-# faster (benchmarks/cpu_matmul.py: the cross-over is at 5-6 rows on 1 thread, 11-12 on 2).
-ROWS_PER_THREAD = 4
 
 
 class RowsLinear(nn.Linear):
@@ -39,21 +34,6 @@ class RowsLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return rows_linear(x, self.weight, self.bias)
-
-
-def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., H_in] @ weight.T [H_in, H_out] (+ bias), as (W @ x.T).T for up to ROWS_PER_THREAD rows per thread.
-    A single row is padded to two: MKL's matrix-vector kernel is as slow as the product this avoids."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, H_in]; a column-major x would hit the slow kernel again
-    M = rows.shape[0]
-    if M > ROWS_PER_THREAD * torch.get_num_threads():
-        return nn.functional.linear(x, weight, bias)
-    if M == 1:
-        rows = nn.functional.pad(rows, (0, 0, 0, 1))
-    out = (weight @ rows.t())[:, :M].t().contiguous()  # [M, H_out]
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_rows_linear(model: nn.Module) -> None:

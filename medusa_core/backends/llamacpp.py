@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from medusa_core.backends import Forward
+from medusa_core.backends.kernels import rows_linear
 from medusa_core.config import BaseModelConfig, LlamaCppConfig, resolve_repo_path
 from medusa_core.tree import TreeBuffers
 
@@ -158,7 +159,7 @@ class LlamaCppBackend:
         return read_output_weight(self.gguf_path)
 
     def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
-        return hidden.float() @ self.output_weight[:vocab].T  # [..., vocab or V]
+        return rows_linear(hidden.float(), self.output_weight[:vocab])  # [..., vocab or V]
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LlamaCache | None = None
                 ) -> tuple[Forward, LlamaCache]:
