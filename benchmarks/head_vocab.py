@@ -14,7 +14,7 @@ import types
 
 import torch
 
-from medusa_core.commands import _backend, _cache
+from medusa_core.commands import config_and_backend, load_or_build_cache
 from medusa_core.evaluate import rank_histogram
 from medusa_core.heads import load_heads
 from medusa_core.tune_tree import best_time, expected_length, greedy_tree
@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--data", choices=["sharegpt", "generated"], default="generated")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's or torch's)")
     args = ap.parse_args()
-    config, backend = _backend(args.config)
+    config, backend = config_and_backend(args.config)
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_args = types.SimpleNamespace(cache_dir=".cache/medusa", max_seq=512, eval_tokens=30_000)
-    heldout, _ = _cache(backend, cache_args, held_out=True, data=args.data)
+    heldout, _ = load_or_build_cache(backend, cache_args, held_out=True, data=args.data)
     print(f"{'head_vocab':>10}" + "".join(f"{f'draft ms B{b}':>13}" for b in args.batch_sizes)
           + "  top-1 per head" + f"{f'E[tok/step] {args.nodes}':>22}")
     for n in args.vocab:

@@ -59,7 +59,8 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
                    help="ShareGPT replies as written, or the base model's own greedy replies to ShareGPT prompts")
 
 
-def _backend(config_path: str):
+def config_and_backend(config_path: str):
+    """The validated model config at `config_path` and its loaded backend."""
     from medusa_core.backends import load_backend
     from medusa_core.config import load_config
 
@@ -70,8 +71,9 @@ def _backend(config_path: str):
 SHARD = 64  # conversations per cache shard: a bigger budget adds shards, an interrupted build resumes at a shard
 
 
-def _cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int = SHARD):
-    """Load or build the held-in or held-out cache: shards of `shard` conversations until the token budget is met."""
+def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int = SHARD):
+    """Load or build the held-in or held-out cache: shards of `shard` conversations until the token budget is met
+    (`args`: cache_dir, max_seq, train_tokens or eval_tokens). Returns the joined cache and its shard files."""
     from medusa_core.config import resolve_repo_path
     from medusa_core.distill import HiddenCache
 
@@ -87,7 +89,7 @@ def _cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int = S
                 print(f"the {'held-out' if held_out else 'held-in'} split ran out at {len(paths)} shards")
                 break
             _build_shard(backend, chunk, data, args.max_seq, f"shard {len(paths)}").save(path)
-        shards.append(HiddenCache.load(path))
+        shards.append(HiddenCache.load(path, shards[0].lm_head if shards else None))  # one lm_head in memory
         paths.append(path)
     return HiddenCache.concat(shards), paths
 
@@ -128,8 +130,8 @@ def train_command(args: argparse.Namespace) -> None:
     from medusa_core.heads import save_heads
     from medusa_core.train import TrainConfig, train, train_ray
 
-    config, backend = _backend(args.config)
-    cache, cache_paths = _cache(backend, args, held_out=False, data=args.data)
+    config, backend = config_and_backend(args.config)
+    cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
     cfg = TrainConfig(num_heads=args.num_heads, targets=args.targets, vocab=args.vocab, steps=args.steps,
                       batch_positions=args.batch, lr=args.lr, seed=args.seed)
     print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
@@ -143,7 +145,7 @@ def train_command(args: argparse.Namespace) -> None:
     else:
         result = train(cache, cfg, args.out, resume=not args.no_resume)
         heads, seconds, losses = result.heads, result.seconds, result.losses
-    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)
     info = {"base_model": config.name, "data": args.data, "train_tokens": cache.num_tokens,
             "train_assistant_tokens": int(cache.assistant.sum()), "heldout_tokens": heldout.num_tokens,
@@ -185,9 +187,9 @@ def eval_command(args: argparse.Namespace) -> None:
     from medusa_core.tree import build_tree_buffers
     from medusa_core.tree_presets import preset_paths
 
-    config, backend = _backend(args.config)
+    config, backend = config_and_backend(args.config)
     heads = _load_heads(config, backend, args.heads)
-    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)
     print(_format_accuracy(accuracy))
     names = args.trees or [config.tree.preset or "config", *[f"chain_{d}" for d in range(2, heads.num_heads + 1)]]
@@ -212,9 +214,9 @@ def tune_tree_command(args: argparse.Namespace) -> None:
     from medusa_core.evaluate import rank_histogram
     from medusa_core.tune_tree import choose_size, format_curve, greedy_tree, measure_step_cost
 
-    config, backend = _backend(args.config)
+    config, backend = config_and_backend(args.config)
     heads = _load_heads(config, backend, args.heads)
-    heldout, _ = _cache(backend, args, held_out=True, data=args.data)
+    heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     acc = rank_histogram(heads, heldout, "self", max_rank=args.top_k)  # [K, top_k]
     costs = measure_step_cost(backend, heads, acc, args.max_nodes, args.context)
     best, curve = choose_size(acc, costs)

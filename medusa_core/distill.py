@@ -4,7 +4,8 @@ Medusa-1 freezes the base model, so everything the heads need from it can be com
 every epoch, experiment and evaluation: the final-norm hidden state at each position, the base model's top-k next
 tokens there (self-distillation targets: head k at position t learns the base model's argmax at t+k+1, i.e. its
 prediction of token t+k+2), the text's own tokens (dataset targets) and the assistant mask. The base model's
-lm_head is stored too, so training needs no base model at all (and Ray workers load only this file).
+lm_head is stored too, once per cache folder (`lm_head.pt` beside the shards), so training needs no base model at
+all (and Ray workers load only these files).
 
 `self_generated` makes the text itself come from the base model (greedy replies to held-in prompts), the Medusa
 paper's self-distillation data: then hidden states at training time look like those the heads see when decoding.
@@ -25,6 +26,8 @@ from medusa_core.backends import Backend
 from medusa_core.data import Encoded
 from medusa_core.decode import DecodeRequest, decode
 
+LM_HEAD_FILE = "lm_head.pt"
+
 
 @dataclass
 class HiddenCache:
@@ -40,24 +43,39 @@ class HiddenCache:
         return self.tokens.shape[0]
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v for k, v in self.__dict__.items()}, path)
+        """Per-token tensors to `path`; the lm_head to `lm_head.pt` in the same folder, once for all its shards."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = path.parent / LM_HEAD_FILE
+        if not head.is_file():
+            torch.save(self.lm_head, head.with_suffix(".tmp"))
+            head.with_suffix(".tmp").replace(head)  # a kill mid-write leaves no half file behind
+        elif not torch.equal(load_lm_head(path.parent), self.lm_head):
+            raise ValueError(f"{path.parent} holds the cache of another model; use another --cache-dir")
+        torch.save({k: v for k, v in self.__dict__.items() if k != "lm_head"}, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> HiddenCache:
-        """One cache file, or a folder of shard-*.pt files joined in order."""
-        if Path(path).is_dir() and (shards := sorted(Path(path).glob("shard-*.pt"))):
-            return cls.concat([cls.load(p) for p in shards])
-        if not Path(path).is_file():
+    def load(cls, path: str | Path, lm_head: Tensor | None = None) -> HiddenCache:
+        """One cache file, or a folder of shard-*.pt files joined in order; `lm_head` saves reading the folder's."""
+        path = Path(path)
+        if path.is_dir() and (shards := sorted(path.glob("shard-*.pt"))):
+            head = load_lm_head(path)
+            return cls.concat([cls.load(p, head) for p in shards])
+        if not path.is_file():
             raise FileNotFoundError(f"no hidden-state cache at {path}; build it with `python -m medusa_core train`")
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if "lm_head" in tensors:
+            raise ValueError(f"{path} was written by an older version (an lm_head copy in every shard); delete "
+                             f"{path.parent} and rebuild the cache")
+        return cls(**tensors, lm_head=load_lm_head(path.parent) if lm_head is None else lm_head)
 
     @classmethod
     def concat(cls, parts: list[HiddenCache]) -> HiddenCache:
         """Caches one after another (e.g. the shards of one split); they must share the lm_head."""
         if not parts:
             raise ValueError("no caches to join")
-        assert all(torch.equal(p.lm_head, parts[0].lm_head) for p in parts), "caches of different models"
+        assert all(p.lm_head is parts[0].lm_head or torch.equal(p.lm_head, parts[0].lm_head) for p in parts), \
+            "caches of different models"
         starts = torch.cumsum(torch.tensor([0] + [p.num_tokens for p in parts[:-1]]), 0)
         return cls(hidden=torch.cat([p.hidden for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
                    assistant=torch.cat([p.assistant for p in parts]), top_ids=torch.cat([p.top_ids for p in parts]),
@@ -76,6 +94,14 @@ class HiddenCache:
         else:
             raise ValueError(f"unknown target kind {kind!r} (self or dataset)")
         return target, valid & self.assistant[at]
+
+
+def load_lm_head(folder: str | Path) -> Tensor:
+    """The lm_head [V, H] shared by the caches in `folder`."""
+    path = Path(folder) / LM_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {LM_HEAD_FILE} in {folder}: the cache folder is incomplete; delete and rebuild it")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def base_hidden(backend: Backend, ids: Tensor, attention: Tensor) -> Tensor:

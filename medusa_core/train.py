@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from medusa_core.distill import HiddenCache
+from medusa_core.distill import HiddenCache, load_lm_head
 from medusa_core.heads import MedusaHeads
 
 CHECKPOINT = "checkpoint.pt"
@@ -190,6 +190,8 @@ def _ray_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     torch.set_num_threads(1)  # workers share the machine's cores
-    cache = HiddenCache.concat([HiddenCache.load(p) for p in config["cache_paths"]])
+    paths = [Path(p) for p in config["cache_paths"]]
+    lm_head = load_lm_head(paths[0].parent)  # once: the shards of one split share it
+    cache = HiddenCache.concat([HiddenCache.load(p, lm_head) for p in paths])
     train(cache, TrainConfig(**config["cfg"]), config["out_dir"], resume=True,
           rank=ctx.get_world_rank(), world=ctx.get_world_size())

@@ -4,21 +4,23 @@ import types
 import torch
 
 from medusa_core import data as sharegpt
-from medusa_core.commands import _cache
+from medusa_core.commands import load_or_build_cache
 
 
 def test_bigger_budget_adds_shards_and_keeps_the_built_ones(embedded_generator, tmp_path):
     backend = embedded_generator.backend
     args = types.SimpleNamespace(cache_dir=str(tmp_path), max_seq=48, train_tokens=150, eval_tokens=0)
-    small, paths = _cache(backend, args, held_out=False, data="sharegpt", shard=2)
+    small, paths = load_or_build_cache(backend, args, held_out=False, data="sharegpt", shard=2)
     assert small.num_tokens >= 150 and len(paths) >= 2 and all(p.parent == paths[0].parent for p in paths)
     built = {p: p.stat().st_mtime_ns for p in paths}
 
     args.train_tokens = small.num_tokens + 1
-    bigger, more = _cache(backend, args, held_out=False, data="sharegpt", shard=2)
+    bigger, more = load_or_build_cache(backend, args, held_out=False, data="sharegpt", shard=2)
     assert more[: len(paths)] == paths and len(more) == len(paths) + 1
     assert all(p.stat().st_mtime_ns == t for p, t in built.items())  # loaded, not rebuilt
     assert torch.equal(bigger.tokens[: small.num_tokens], small.tokens)
+    assert (paths[0].parent / "lm_head.pt").is_file()  # once per folder, not per shard
+    assert torch.equal(bigger.lm_head, backend.model.lm_head.weight.float())
 
     held_in, _ = sharegpt.split(sharegpt.read_sharegpt()[0])  # shard k holds the k-th pair of usable conversations
     seqs = [s for c in held_in[:20] if any((s := sharegpt.encode_conversation(backend.tokenizer, c.messages, 48))

@@ -51,6 +51,21 @@ def test_shards_concatenate_to_the_whole_cache(cache, tiny_backend):
     assert torch.equal(target, cache.targets(loss_positions(cache), 3, "self")[0])
 
 
+def test_a_cache_folder_keeps_one_lm_head(cache, tmp_path):
+    cache.save(tmp_path / "shard-0000.pt")
+    cache.save(tmp_path / "shard-0001.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_head.pt", "shard-0000.pt", "shard-0001.pt"]
+    assert "lm_head" not in torch.load(tmp_path / "shard-0001.pt", weights_only=True)
+    joined = HiddenCache.load(tmp_path)
+    assert torch.equal(joined.lm_head, cache.lm_head) and torch.equal(joined.tokens, torch.cat([cache.tokens] * 2))
+    other = HiddenCache(**{**cache.__dict__, "lm_head": cache.lm_head + 1})
+    with pytest.raises(ValueError, match="another model"):
+        other.save(tmp_path / "shard-0002.pt")
+    torch.save(cache.__dict__, tmp_path / "shard-0003.pt")  # the older layout: an lm_head copy in the shard
+    with pytest.raises(ValueError, match="older version"):
+        HiddenCache.load(tmp_path / "shard-0003.pt")
+
+
 @pytest.mark.parametrize("targets,vocab", [("self", "batch"), ("dataset", "full")])
 def test_training_lowers_the_loss(cache, targets, vocab):
     c = cfg(targets=targets, vocab=vocab)
