@@ -25,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     tr.add_argument("--out", default=DEFAULT_HEADS, help="heads folder to write (checkpoints go there too)")
     tr.add_argument("--train-tokens", type=int, default=200_000, help="tokens of held-in text to cache")
     tr.add_argument("--num-heads", type=int, default=4)
+    tr.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     tr.add_argument("--targets", choices=["self", "dataset"], default="self")
     tr.add_argument("--vocab", choices=["batch", "full"], default="batch", help="softmax over batch candidates or all")
     tr.add_argument("--steps", type=int, default=2000)
@@ -132,7 +133,8 @@ def train_command(args: argparse.Namespace) -> None:
 
     config, backend = config_and_backend(args.config)
     cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
-    cfg = TrainConfig(num_heads=args.num_heads, targets=args.targets, vocab=args.vocab, steps=args.steps,
+    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, targets=args.targets, vocab=args.vocab,
+                      steps=args.steps,
                       batch_positions=args.batch, lr=args.lr, seed=args.seed)
     print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
     start = time.perf_counter()

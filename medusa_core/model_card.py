@@ -7,9 +7,9 @@ def render_card(train: dict | None, evaluation: dict | None) -> str:
     if train is not None:
         cfg = train["config"]
         lines += [
-            f"Medusa-1 heads (base model frozen) for `{train['base_model']}`: {cfg['num_heads']} heads, one ResBlock "
-            "each, on the base model's shared lm_head (FasterDecoding \"version 2\" layout: "
-            "`medusa_lm_head.safetensors` holds only `{k}.0.linear.weight/bias`).",
+            f"Medusa-1 heads (base model frozen) for `{train['base_model']}`: {cfg['num_heads']} heads, "
+            f"{cfg['num_layers']} ResBlock(s) each, on the base model's shared lm_head (FasterDecoding "
+            "\"version 2\" layout: `medusa_lm_head.safetensors` holds only `{k}.{l}.linear.weight/bias`).",
             "",
             "## Training",
             "",

@@ -38,6 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass(frozen=True)
 class TrainConfig:
     num_heads: int = 4
+    num_layers: int = 1  # ResBlocks per head
     targets: Literal["self", "dataset"] = "self"
     vocab: Literal["full", "batch"] = "batch"
     steps: int = 1000
@@ -94,8 +95,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def new_heads(cfg: TrainConfig, hidden: int) -> MedusaHeads:
-    """Version-2 heads (shared lm_head), one ResBlock each, zero-initialised like the reference."""
-    return MedusaHeads(cfg.num_heads, 1, hidden, vocab=None)
+    """Version-2 heads (shared lm_head), `num_layers` ResBlocks each, zero-initialised like the reference."""
+    return MedusaHeads(cfg.num_heads, cfg.num_layers, hidden, vocab=None)
 
 
 def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = True,

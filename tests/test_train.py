@@ -66,14 +66,17 @@ def test_a_cache_folder_keeps_one_lm_head(cache, tmp_path):
         HiddenCache.load(tmp_path / "shard-0003.pt")
 
 
-@pytest.mark.parametrize("targets,vocab", [("self", "batch"), ("dataset", "full")])
-def test_training_lowers_the_loss(cache, targets, vocab):
-    c = cfg(targets=targets, vocab=vocab)
+@pytest.mark.parametrize("targets,vocab,layers", [("self", "batch", 1), ("dataset", "full", 1), ("self", "batch", 2)])
+def test_training_lowers_the_loss(cache, targets, vocab, layers, tmp_path):
+    c = cfg(targets=targets, vocab=vocab, num_layers=layers)
     probe = loss_positions(cache)[:200]
     before = float(head_loss(new_heads(c, 64), cache, probe, c).detach())
     result = train(cache, c)
     after = float(head_loss(result.heads, cache, probe, c))
     assert after < 0.7 * before, (before, after)
+    save_heads(result.heads, tmp_path, "tiny")  # every layer round-trips through the published layout
+    loaded = load_heads(tmp_path, 64, 256)
+    assert loaded.num_layers == layers and torch.equal(loaded.weight, result.heads.weight)
 
 
 def test_checkpoint_resume_is_bit_identical(cache, tmp_path):
