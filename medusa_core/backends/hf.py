@@ -106,9 +106,7 @@ class HFBackend:
 
     def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
         weight = self.model.lm_head.weight[:vocab]  # [vocab or V, H]; Llama's lm_head has no bias
-        if weight.device.type == "cpu":
-            return rows_linear(hidden.to(weight.dtype), weight).float()
-        return nn.functional.linear(hidden.to(weight.dtype), weight).float()
+        return rows_linear(hidden.to(weight.dtype), weight).float()
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], cache: HFCache | None = None) -> tuple[Forward, HFCache]:
