@@ -26,6 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     tr.add_argument("--train-tokens", type=int, default=200_000, help="tokens of held-in text to cache")
     tr.add_argument("--num-heads", type=int, default=4)
     tr.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+    tr.add_argument("--root-conditioned", action="store_true",
+                    help="heads also read the root token (the base model's choice at t); an extension of the format")
     tr.add_argument("--targets", choices=["self", "dataset"], default="self")
     tr.add_argument("--vocab", choices=["batch", "full"], default="batch", help="softmax over batch candidates or all")
     tr.add_argument("--steps", type=int, default=2000)
@@ -133,9 +135,9 @@ def train_command(args: argparse.Namespace) -> None:
 
     config, backend = config_and_backend(args.config)
     cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
-    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, targets=args.targets, vocab=args.vocab,
-                      steps=args.steps,
-                      batch_positions=args.batch, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, root_conditioned=args.root_conditioned,
+                      targets=args.targets, vocab=args.vocab, steps=args.steps, batch_positions=args.batch,
+                      lr=args.lr, seed=args.seed)
     print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
     start = time.perf_counter()
     if args.ray_workers > 0:

@@ -24,8 +24,9 @@ from medusa_core.verify import Accepted, accept
 
 
 class Drafter(Protocol):
-    def draft(self, hidden: Tensor, history: list[list[int]], top_k: int, shared_lm_head) -> Tensor:
-        """hidden [B, H] at the last accepted node -> candidates [B, K, top_k] for the next K tokens after it."""
+    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], top_k: int, backend: Backend) -> Tensor:
+        """hidden [B, H] at the last accepted node, the roots [B] it chose -> candidates [B, K, top_k] for the K
+        tokens after the root; `backend` gives the shared lm_head."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def step(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, cache, ro
     speculate = torch.tensor([r.request.speculate for r in rows])
     candidates = None
     if tree.num_nodes > 1:
-        candidates = drafter.draft(hidden, [r.history for r in rows], tree.top_k, backend.lm_head).cpu()
+        candidates = drafter.draft(hidden, roots, [r.history for r in rows], tree.top_k, backend).cpu()
     tokens = propose(roots, candidates, tree)  # [B, T]
     out = backend.verify(cache, tokens, tree)
     acc = accept(tokens, out.logits.cpu(), tree, [r.request.sampling for r in rows],

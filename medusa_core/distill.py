@@ -81,6 +81,11 @@ class HiddenCache:
                    assistant=torch.cat([p.assistant for p in parts]), top_ids=torch.cat([p.top_ids for p in parts]),
                    seq_end=torch.cat([p.seq_end + s for p, s in zip(parts, starts)]), lm_head=parts[0].lm_head)
 
+    def root_rows(self, positions: Tensor) -> Tensor:
+        """The lm_head rows [N, H] of the base model's argmax at positions [N]: the root a greedy decode step
+        drafts from, as root-conditioned heads see it."""
+        return self.lm_head[self.top_ids[positions, 0]]
+
     def targets(self, positions: Tensor, num_heads: int, kind: str) -> tuple[Tensor, Tensor]:
         """Targets [N, K] for heads at positions [N] (head k: token t+k+2), and where they count [N, K] bool."""
         offsets = torch.arange(num_heads)[None, :] + 2  # [1, K]

@@ -43,7 +43,8 @@ def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", m
     for i in tqdm(range(0, len(positions), chunk), desc="ranking targets", unit="chunk", leave=False):
         pos = positions[i : i + chunk]
         target, valid = cache.targets(pos, K, kind)  # [N, K]
-        logits = heads.head_hidden(cache.hidden[pos].float()) @ lm_head.T  # [N, K, V']
+        root_rows = cache.root_rows(pos) if heads.root is not None else None
+        logits = heads.head_hidden(cache.hidden[pos].float(), root_rows) @ lm_head.T  # [N, K, V']
         reachable = target < lm_head.shape[0]
         score = logits.gather(-1, target.clamp(max=lm_head.shape[0] - 1)[..., None])  # [N, K, 1]
         rank = torch.where(reachable, (logits > score).sum(-1), max_rank).clamp(max=max_rank)  # [N, K]

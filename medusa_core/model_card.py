@@ -9,7 +9,9 @@ def render_card(train: dict | None, evaluation: dict | None) -> str:
         lines += [
             f"Medusa-1 heads (base model frozen) for `{train['base_model']}`: {cfg['num_heads']} heads, "
             f"{cfg['num_layers']} ResBlock(s) each, on the base model's shared lm_head (FasterDecoding "
-            "\"version 2\" layout: `medusa_lm_head.safetensors` holds only `{k}.{l}.linear.weight/bias`).",
+            "\"version 2\" layout: `medusa_lm_head.safetensors` holds only `{k}.{l}.linear.weight/bias`"
+            + (", plus `{k}.root.weight`: root-conditioned heads, which also read the token the base model chose "
+               "at t" if cfg.get("root_conditioned") else "") + ").",
             "",
             "## Training",
             "",

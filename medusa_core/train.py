@@ -39,6 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1  # ResBlocks per head
+    root_conditioned: bool = False  # heads also read the root token (see heads.py)
     targets: Literal["self", "dataset"] = "self"
     vocab: Literal["full", "batch"] = "batch"
     steps: int = 1000
@@ -70,7 +71,8 @@ def loss_positions(cache: HiddenCache) -> Tensor:
 def head_loss(heads: MedusaHeads, cache: HiddenCache, positions: Tensor, cfg: TrainConfig) -> Tensor:
     """The weighted Medusa loss for a batch of positions [N]."""
     target, valid = cache.targets(positions, cfg.num_heads, cfg.targets)  # [N, K]
-    x = heads.head_hidden(cache.hidden[positions].float())  # [N, K, H]
+    root_rows = cache.root_rows(positions) if heads.root is not None else None  # [N, H]
+    x = heads.head_hidden(cache.hidden[positions].float(), root_rows)  # [N, K, H]
     if cfg.vocab == "full":
         vocab_ids = None
         logits = x @ cache.lm_head.T  # [N, K, V]
@@ -96,7 +98,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def new_heads(cfg: TrainConfig, hidden: int) -> MedusaHeads:
     """Version-2 heads (shared lm_head), `num_layers` ResBlocks each, zero-initialised like the reference."""
-    return MedusaHeads(cfg.num_heads, cfg.num_layers, hidden, vocab=None)
+    return MedusaHeads(cfg.num_heads, cfg.num_layers, hidden, vocab=None, root_conditioned=cfg.root_conditioned)
 
 
 def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = True,
@@ -125,7 +127,7 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
         opt.step()
         sched.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):

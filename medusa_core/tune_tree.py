@@ -61,9 +61,8 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
                       repeats: int = 5) -> list[StepCost]:
     """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt."""
     prompt = list(range(1000, 1000 + context))
-    heads_s = best_time(lambda: heads.draft(torch.zeros(1, backend.hidden_size, dtype=backend.dtype,
-                                                           device=backend.device), [[]], acc.shape[1],
-                                               backend.lm_head), repeats)
+    hidden = torch.zeros(1, backend.hidden_size, dtype=backend.dtype, device=backend.device)
+    heads_s = best_time(lambda: heads.draft(hidden, torch.tensor([1000]), [[]], acc.shape[1], backend), repeats)
     costs = []
     for n in tqdm(range(1, max_nodes + 1), desc="timing verification", unit="tree"):
         tree = build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1])

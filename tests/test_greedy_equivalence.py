@@ -1,6 +1,7 @@
 """The contract on the embedded model (fp32, CPU): greedy Medusa == our plain greedy == transformers generate.
 
-Five prompts x 64 new tokens (EOS ignored), decoded as one batch, for seeded random heads, the shipped trained heads
+Five prompts x 64 new tokens (EOS ignored), decoded as one batch, for seeded random heads (plain and
+root-conditioned), the shipped trained heads
 (the embedded config's drafter), oracle heads and heads that are right only to depth j, on three trees including the
 reference mc_sim_7b_63. A divergence passes only when it is a
 near-tie (top-2 logit gap < 1e-3) of the reference; the count of such cases is printed.
@@ -33,20 +34,24 @@ def test_plain_equals_transformers_generate(setup):
 
 
 # The default suite (under 10 minutes on 2 cores) runs oracle heads on all three trees, partial heads on chain_4
-# and mc_16, random heads on mc_16 (64 tokens x 5 rows x 63 nodes makes mc_sim_7b_63's other cases ~30-60 s each);
+# and mc_16, random heads on mc_16 and root-conditioned random heads on chain_4 (64 tokens x 5 rows x 63 nodes
+# makes mc_sim_7b_63's other cases ~30-60 s each);
 # `-m slow` runs the whole grid. The shipped heads have their own default test (test_shipped_heads.py).
 SLOW = ({("trained", t) for t in TREES} | {(h, "mc_sim_7b_63") for h in ("random", "oracle_to_depth_1")}
-        | {("oracle_to_depth_2", t) for t in ("mc_16", "mc_sim_7b_63")} | {("random", "chain_4")})
+        | {("oracle_to_depth_2", t) for t in ("mc_16", "mc_sim_7b_63")} | {("random", "chain_4")}
+        | {("random_rooted", t) for t in ("mc_16", "mc_sim_7b_63")})
 GRID = [pytest.param(h, t, marks=[pytest.mark.slow] if (h, t) in SLOW else [])
-        for t in TREES for h in ["random", "trained", "oracle", "oracle_to_depth_1", "oracle_to_depth_2"]]
+        for t in TREES for h in ["random", "random_rooted", "trained", "oracle", "oracle_to_depth_1",
+                                 "oracle_to_depth_2"]]
 
 
 @pytest.mark.parametrize("heads, tree_name", GRID)
 def test_medusa_equals_plain(setup, tree_name, heads):
     gen, prompts, plain = setup
     tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
-    if heads == "random":  # built here: the embedded config ships trained heads
-        drafter = random_heads(4, gen.backend.hidden_size, seed=0, scale=0.02, dtype=gen.backend.dtype)
+    if heads.startswith("random"):  # built here: the embedded config ships trained heads
+        drafter = random_heads(4, gen.backend.hidden_size, seed=0, scale=0.02, dtype=gen.backend.dtype,
+                               root_conditioned=heads == "random_rooted")
     elif heads == "trained":
         drafter = gen.drafter
     else:

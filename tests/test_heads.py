@@ -82,27 +82,58 @@ def test_missing_folder_files(tmp_path):
         load_heads(tmp_path, H, V)
 
 
-def shared_lm_head(seed=0):
-    """A version-2 heads' shared lm_head over token ids below `vocab`, like Backend.lm_head."""
-    weight = torch.randn(V, H, generator=torch.Generator().manual_seed(seed))  # [V, H]
-    return lambda x, vocab=None: x @ weight[:vocab].T
+class TinyLmHead:
+    """The two Backend methods heads use: the shared lm_head over ids below `vocab`, and its rows per token."""
+
+    def __init__(self, seed=0):
+        self.weight = torch.randn(V, H, generator=torch.Generator().manual_seed(seed))  # [V, H]
+
+    def lm_head(self, x, vocab=None):
+        return x @ self.weight[:vocab].T
+
+    def lm_head_rows(self, ids):
+        return self.weight[ids]
 
 
 def test_zero_heads_are_identity_and_draft_shapes():
     heads = MedusaHeads(4, 1, H, vocab=None)
-    lm = shared_lm_head()
+    lm = TinyLmHead()
     hidden = torch.randn(2, H)
-    logits = heads.logits(hidden, lm)
+    logits = heads.logits(hidden, None, lm.lm_head)
     assert logits.shape == (2, 4, V)
-    torch.testing.assert_close(logits[:, 2], lm(hidden))  # zero-initialised ResBlock = identity
-    assert heads.draft(hidden, [[], []], 5, lm).shape == (2, 4, 5)
+    torch.testing.assert_close(logits[:, 2], lm.lm_head(hidden))  # zero-initialised ResBlock = identity
+    assert heads.draft(hidden, torch.tensor([1, 2]), [[], []], 5, lm).shape == (2, 4, 5)
 
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_head_vocab_ranks_only_the_first_ids(tmp_path, legacy):
     write(tmp_path, published(4, legacy, torch.float32), "safetensors")
     full, cut = load_heads(tmp_path, H, V), load_heads(tmp_path, H, V, head_vocab=12)
-    hidden, lm = torch.randn(64, H), shared_lm_head()
-    torch.testing.assert_close(cut.logits(hidden, lm), full.logits(hidden, lm)[..., :12])
-    drafted = cut.draft(hidden, [[]] * 64, 5, lm)  # [B, K, 5]
-    assert drafted.max() < 12 and full.draft(hidden, [[]] * 64, 5, lm).max() >= 12
+    hidden, lm, roots = torch.randn(64, H), TinyLmHead(), torch.zeros(64, dtype=torch.long)
+    torch.testing.assert_close(cut.logits(hidden, None, lm.lm_head), full.logits(hidden, None, lm.lm_head)[..., :12])
+    drafted = cut.draft(hidden, roots, [[]] * 64, 5, lm)  # [B, K, 5]
+    assert drafted.max() < 12 and full.draft(hidden, roots, [[]] * 64, 5, lm).max() >= 12
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_root_conditioned_heads_round_trip_and_read_the_root(tmp_path, fmt):
+    heads = random_heads(3, H, seed=2, scale=0.5, dtype=torch.float32, root_conditioned=True)
+    save_heads(heads, tmp_path / "h", base_model="tiny", fmt=fmt)
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["root_conditioned"] is True
+    again = load_heads(tmp_path / "h", H, V)
+    assert torch.equal(again.root, heads.root) and torch.equal(again.weight, heads.weight)
+    lm, hidden = TinyLmHead(), torch.randn(8, H).expand(2, 8, H).reshape(16, H)  # each hidden state twice
+    roots = torch.arange(16) % V  # ... with two different roots
+    logits = again.logits(hidden, lm.lm_head_rows(roots), lm.lm_head)
+    assert not torch.allclose(logits[:8], logits[8:])  # the root changes the guess
+    assert torch.equal(again.draft(hidden, roots, [[]] * 16, 4, lm), logits.topk(4, dim=-1).indices)
+    with pytest.raises(ValueError, match="root tokens"):
+        again.logits(hidden, None, lm.lm_head)
+
+
+def test_root_weights_must_cover_every_head(tmp_path):
+    sd = published(3, legacy=False, dtype=torch.float32)
+    sd["0.root.weight"] = torch.zeros(H, H)  # heads 1 and 2 lack theirs
+    write(tmp_path / "h", sd, "safetensors")
+    with pytest.raises(HeadsFormatError, match="1.root.weight"):
+        load_heads(tmp_path / "h", H, V)

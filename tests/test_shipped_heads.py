@@ -15,6 +15,7 @@ def test_shipped_heads_load_in_the_published_layout():
     heads = load_heads(HEADS, hidden=576, vocab=49152)
     assert heads.num_heads == config["medusa_num_heads"] >= 4 and heads.lm_head is None
     assert heads.weight.abs().sum() > 0  # trained, not the zero (identity) initialisation
+    assert config["root_conditioned"] is True and heads.root is not None and heads.root.abs().sum() > 0
     assert (HEADS / "README.md").read_text().count("| 1 (t+2) |") == 1  # the model card reports accuracy
 
 

@@ -66,9 +66,10 @@ def test_a_cache_folder_keeps_one_lm_head(cache, tmp_path):
         HiddenCache.load(tmp_path / "shard-0003.pt")
 
 
-@pytest.mark.parametrize("targets,vocab,layers", [("self", "batch", 1), ("dataset", "full", 1), ("self", "batch", 2)])
-def test_training_lowers_the_loss(cache, targets, vocab, layers, tmp_path):
-    c = cfg(targets=targets, vocab=vocab, num_layers=layers)
+@pytest.mark.parametrize("targets,vocab,layers,root", [("self", "batch", 1, False), ("dataset", "full", 1, False),
+                                                      ("self", "batch", 2, False), ("self", "batch", 2, True)])
+def test_training_lowers_the_loss(cache, targets, vocab, layers, root, tmp_path):
+    c = cfg(targets=targets, vocab=vocab, num_layers=layers, root_conditioned=root)
     probe = loss_positions(cache)[:200]
     before = float(head_loss(new_heads(c, 64), cache, probe, c).detach())
     result = train(cache, c)
@@ -77,6 +78,10 @@ def test_training_lowers_the_loss(cache, targets, vocab, layers, tmp_path):
     save_heads(result.heads, tmp_path, "tiny")  # every layer round-trips through the published layout
     loaded = load_heads(tmp_path, 64, 256)
     assert loaded.num_layers == layers and torch.equal(loaded.weight, result.heads.weight)
+    if root:  # the root weights train (they start at zero) and round-trip too
+        assert result.heads.root.abs().sum() > 0 and torch.equal(loaded.root, result.heads.root)
+    else:
+        assert loaded.root is None
 
 
 def test_checkpoint_resume_is_bit_identical(cache, tmp_path):

@@ -49,6 +49,10 @@ class Backend(Protocol):
         """[..., H] -> [..., vocab or V]: the base model's output projection over token ids below `vocab` (all by
         default), shared by version-2 heads."""
 
+    def lm_head_rows(self, ids: Tensor) -> Tensor:
+        """Token ids [...] -> their lm_head rows [..., H] (each token's output embedding): how root-conditioned
+        heads see the root token."""
+
 
 def load_backend(config: BaseModelConfig) -> Backend:
     if config.backend == "hf":

@@ -108,6 +108,9 @@ class HFBackend:
         weight = self.model.lm_head.weight[:vocab]  # [vocab or V, H]; Llama's lm_head has no bias
         return rows_linear(hidden.to(weight.dtype), weight).float()
 
+    def lm_head_rows(self, ids: Tensor) -> Tensor:
+        return self.model.lm_head.weight[ids.to(self.device)]  # [..., H]
+
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], cache: HFCache | None = None) -> tuple[Forward, HFCache]:
         from transformers import DynamicCache

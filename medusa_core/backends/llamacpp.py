@@ -161,6 +161,9 @@ class LlamaCppBackend:
     def lm_head(self, hidden: Tensor, vocab: int | None = None) -> Tensor:
         return rows_linear(hidden.float(), self.output_weight[:vocab])  # [..., vocab or V]
 
+    def lm_head_rows(self, ids: Tensor) -> Tensor:
+        return self.output_weight[ids]  # [..., H]
+
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LlamaCache | None = None
                 ) -> tuple[Forward, LlamaCache]:
         B = len(prompts)
