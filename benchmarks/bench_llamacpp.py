@@ -49,7 +49,7 @@ class OracleDrafter:
     def __init__(self, references: dict[tuple[int, ...], tuple[int, ...]], num_heads: int) -> None:
         self.references, self.num_heads = references, num_heads
 
-    def draft(self, hidden, roots, history: list[list[int]], top_k: int, backend) -> torch.Tensor:
+    def draft(self, hidden, roots, history: list[list[int]], depth: int, top_k: int, backend) -> torch.Tensor:
         out = torch.zeros(len(history), self.num_heads, top_k, dtype=torch.long)
         for b, h in enumerate(history):
             prompt = next(p for p in self.references if tuple(h[: len(p)]) == p)

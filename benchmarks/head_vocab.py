@@ -50,7 +50,8 @@ def main() -> None:
 def draft_ms(heads, backend, batch: int) -> float:
     hidden = torch.randn(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
     roots = torch.full((batch,), 1000)
-    return 1000 * best_time(lambda: heads.draft(hidden, roots, [[]] * batch, 10, backend), repeats=20)
+    return 1000 * best_time(lambda: heads.draft(hidden, roots, [[]] * batch, heads.num_heads, 10, backend),
+                            repeats=20)
 
 
 if __name__ == "__main__":

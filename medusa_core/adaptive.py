@@ -131,7 +131,7 @@ def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: in
 
     def one_step() -> None:
         if tree.num_nodes > 1:
-            drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.top_k, backend)
+            drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.max_depth, tree.top_k, backend)
         backend.verify(cache, tokens, tree)
         backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
 

@@ -24,9 +24,10 @@ from medusa_core.verify import Accepted, accept
 
 
 class Drafter(Protocol):
-    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], top_k: int, backend: Backend) -> Tensor:
-        """hidden [B, H] at the last accepted node, the roots [B] it chose -> candidates [B, K, top_k] for the K
-        tokens after the root; `backend` gives the shared lm_head."""
+    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], depth: int, top_k: int,
+              backend: Backend) -> Tensor:
+        """hidden [B, H] at the last accepted node, the roots [B] it chose -> candidates [B, D >= depth, top_k] for
+        the tokens after the root (only the first `depth` are read); `backend` gives the shared lm_head."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def step(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, cache, ro
     speculate = torch.tensor([r.request.speculate for r in rows])
     candidates = None
     if tree.num_nodes > 1:
-        candidates = drafter.draft(hidden, roots, [r.history for r in rows], tree.top_k, backend).cpu()
+        candidates = drafter.draft(hidden, roots, [r.history for r in rows], tree.max_depth, tree.top_k, backend)
+        candidates = candidates.cpu()
     tokens = propose(roots, candidates, tree)  # [B, T]
     out = backend.verify(cache, tokens, tree)
     acc = accept(tokens, out.logits.cpu(), tree, [r.request.sampling for r in rows],

@@ -60,31 +60,37 @@ class MedusaHeads(nn.Module):
     def num_layers(self) -> int:
         return self.weight.shape[1]
 
-    def head_hidden(self, hidden: Tensor, root_rows: Tensor | None = None) -> Tensor:
-        """hidden [B, H], the roots' lm_head rows [B, H] (root-conditioned heads only) -> per-head hidden [B, K, H]."""
-        x = hidden.unsqueeze(1).expand(-1, self.num_heads, -1)
+    def head_hidden(self, hidden: Tensor, root_rows: Tensor | None = None, depth: int | None = None) -> Tensor:
+        """hidden [B, H], the roots' lm_head rows [B, H] (root-conditioned heads only) -> per-head hidden [B, D, H]
+        for the first D = depth heads (all K by default)."""
+        D = self.num_heads if depth is None else depth
+        x = hidden.unsqueeze(1).expand(-1, D, -1)
         for layer in range(self.num_layers):
-            w, b = self.weight[:, layer], self.bias[:, layer]  # [K, H, H], [K, H]
+            w, b = self.weight[:D, layer], self.bias[:D, layer]  # [D, H, H], [D, H]
             z = torch.einsum("bkh,koh->bko", x, w) + b
             if layer == 0 and self.root is not None:
                 if root_rows is None:
                     raise ValueError("root-conditioned heads need the root tokens' lm_head rows")
-                z = z + torch.einsum("bh,koh->bko", root_rows.to(self.root.dtype), self.root)
+                z = z + torch.einsum("bh,koh->bko", root_rows.to(self.root.dtype), self.root[:D])
             x = x + nn.functional.silu(z)
         return x
 
-    def logits(self, hidden: Tensor, root_rows: Tensor | None, shared_lm_head: Callable[..., Tensor]) -> Tensor:
-        """hidden [B, H], root rows [B, H] or None -> head logits [B, K, head_vocab or V]."""
-        x = self.head_hidden(hidden.to(self.weight.dtype), root_rows)
+    def logits(self, hidden: Tensor, root_rows: Tensor | None, shared_lm_head: Callable[..., Tensor],
+               depth: int | None = None) -> Tensor:
+        """hidden [B, H], root rows [B, H] or None -> logits [B, D, head_vocab or V] of the first `depth` heads."""
+        x = self.head_hidden(hidden.to(self.weight.dtype), root_rows, depth)
         if self.lm_head is None:
             return shared_lm_head(x.to(hidden.dtype), self.head_vocab)
-        return torch.einsum("bkh,kvh->bkv", x, self.lm_head[:, : self.head_vocab])
+        return torch.einsum("bkh,kvh->bkv", x, self.lm_head[: x.shape[1], : self.head_vocab])
 
-    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], top_k: int, backend) -> Tensor:
-        """Top-k candidates per head, [B, K, top_k], from the hidden state [B, H] that chose the roots [B].
-        `history` is unused: heads read only the hidden state (and the root, if root-conditioned)."""
+    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], depth: int, top_k: int,
+              backend) -> Tensor:
+        """Top-k candidates of the first `depth` heads, [B, depth, top_k], from the hidden state [B, H] that chose
+        the roots [B]. `history` is unused: heads read only the hidden state (and the root, if root-conditioned)."""
+        if depth > self.num_heads:
+            raise ValueError(f"a tree of depth {depth} needs {depth} heads; these heads are {self.num_heads}")
         root_rows = backend.lm_head_rows(roots) if self.root is not None else None
-        return self.logits(hidden, root_rows, backend.lm_head).topk(top_k, dim=-1).indices
+        return self.logits(hidden, root_rows, backend.lm_head, depth).topk(top_k, dim=-1).indices
 
 
 def random_heads(num_heads: int, hidden: int, seed: int, scale: float, dtype: torch.dtype,

@@ -20,7 +20,8 @@ class OracleDrafter:
         self.references, self.num_heads, self.vocab = references, num_heads, vocab
         self.correct_depth = num_heads if correct_depth is None else correct_depth
 
-    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], top_k: int, backend) -> Tensor:
+    def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], depth: int, top_k: int,
+              backend) -> Tensor:
         out = torch.empty(len(history), self.num_heads, top_k, dtype=torch.long)
         for b, h in enumerate(history):
             prompt = next(p for p in self.references if tuple(h[: len(p)]) == p)

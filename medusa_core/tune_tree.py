@@ -49,7 +49,7 @@ def expected_length(acc: Tensor, paths: list[list[int]]) -> float:
 class StepCost:
     nodes: int
     verify_s: float  # best-of-repeats seconds of one verification pass (other load only adds time)
-    heads_s: float  # best-of-repeats seconds of the heads' draft (0 for the root-only tree)
+    heads_s: float  # best-of-repeats seconds of the draft by the heads the tree reads (0 for the root-only tree)
 
     @property
     def step_s(self) -> float:
@@ -62,7 +62,9 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
     """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt."""
     prompt = list(range(1000, 1000 + context))
     hidden = torch.zeros(1, backend.hidden_size, dtype=backend.dtype, device=backend.device)
-    heads_s = best_time(lambda: heads.draft(hidden, torch.tensor([1000]), [[]], acc.shape[1], backend), repeats)
+    root = torch.tensor([1000])
+    heads_s = [0.0] + [best_time(lambda: heads.draft(hidden, root, [[]], d, acc.shape[1], backend), repeats)
+                       for d in range(1, heads.num_heads + 1)]  # by tree depth: only that many heads run
     costs = []
     for n in tqdm(range(1, max_nodes + 1), desc="timing verification", unit="tree"):
         tree = build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1])
@@ -74,7 +76,7 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
             backend.verify(cache, tokens, tree)
             backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))  # accept nothing: context grows by 1
 
-        costs.append(StepCost(n, best_time(one_pass, repeats), heads_s if n > 1 else 0.0))
+        costs.append(StepCost(n, best_time(one_pass, repeats), heads_s[tree.max_depth]))
     return costs
 
 

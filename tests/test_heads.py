@@ -102,7 +102,11 @@ def test_zero_heads_are_identity_and_draft_shapes():
     logits = heads.logits(hidden, None, lm.lm_head)
     assert logits.shape == (2, 4, V)
     torch.testing.assert_close(logits[:, 2], lm.lm_head(hidden))  # zero-initialised ResBlock = identity
-    assert heads.draft(hidden, torch.tensor([1, 2]), [[], []], 5, lm).shape == (2, 4, 5)
+    assert heads.draft(hidden, torch.tensor([1, 2]), [[], []], 4, 5, lm).shape == (2, 4, 5)
+    shallow = heads.draft(hidden, torch.tensor([1, 2]), [[], []], 2, 5, lm)  # a depth-2 tree runs 2 heads
+    assert torch.equal(shallow, heads.draft(hidden, torch.tensor([1, 2]), [[], []], 4, 5, lm)[:, :2])
+    with pytest.raises(ValueError, match="needs 5 heads"):
+        heads.draft(hidden, torch.tensor([1, 2]), [[], []], 5, 5, lm)
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -111,8 +115,8 @@ def test_head_vocab_ranks_only_the_first_ids(tmp_path, legacy):
     full, cut = load_heads(tmp_path, H, V), load_heads(tmp_path, H, V, head_vocab=12)
     hidden, lm, roots = torch.randn(64, H), TinyLmHead(), torch.zeros(64, dtype=torch.long)
     torch.testing.assert_close(cut.logits(hidden, None, lm.lm_head), full.logits(hidden, None, lm.lm_head)[..., :12])
-    drafted = cut.draft(hidden, roots, [[]] * 64, 5, lm)  # [B, K, 5]
-    assert drafted.max() < 12 and full.draft(hidden, roots, [[]] * 64, 5, lm).max() >= 12
+    drafted = cut.draft(hidden, roots, [[]] * 64, 4, 5, lm)  # [B, K, 5]
+    assert drafted.max() < 12 and full.draft(hidden, roots, [[]] * 64, 4, 5, lm).max() >= 12
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
@@ -126,7 +130,9 @@ def test_root_conditioned_heads_round_trip_and_read_the_root(tmp_path, fmt):
     roots = torch.arange(16) % V  # ... with two different roots
     logits = again.logits(hidden, lm.lm_head_rows(roots), lm.lm_head)
     assert not torch.allclose(logits[:8], logits[8:])  # the root changes the guess
-    assert torch.equal(again.draft(hidden, roots, [[]] * 16, 4, lm), logits.topk(4, dim=-1).indices)
+    assert torch.equal(again.draft(hidden, roots, [[]] * 16, 3, 4, lm), logits.topk(4, dim=-1).indices)
+    first = again.draft(hidden, roots, [[]] * 16, 1, 4, lm)  # depth 1: head 1 alone, same guesses
+    assert torch.equal(first, logits[:, :1].topk(4, dim=-1).indices)
     with pytest.raises(ValueError, match="root tokens"):
         again.logits(hidden, None, lm.lm_head)
 

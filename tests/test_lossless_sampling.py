@@ -23,7 +23,7 @@ class NextTokenDrafter:
     def __init__(self, model):
         self.model = model
 
-    def draft(self, hidden, roots, history, top_k, backend):
+    def draft(self, hidden, roots, history, depth, top_k, backend):
         with torch.inference_mode():
             logits = self.model(torch.tensor(history)).logits[:, -1]  # all rows share one length here
         out = torch.zeros(len(history), 3, top_k, dtype=torch.long)
