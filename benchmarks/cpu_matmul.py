@@ -1,11 +1,13 @@
-"""Why the transformers backend swaps nn.Linear for RowsLinear on the CPU: both products, side by side.
+"""Why the transformers backend swaps nn.Linear for CpuLinear on the CPU: the products, side by side.
 
     python benchmarks/cpu_matmul.py [--config configs/smollm2-135m.yaml] [--rows 1 2 3 4 8 16 64]
 
 For M rows (M = tree nodes x batch in a decode step), times every linear layer of the base model once, in model
-order, so the weights stream from memory as in a real step: `F.linear(x, W)` (nn.Linear's product, x @ W.T) and
-`rows_linear(x, W)` (the same product computed as (W @ x.T).T, one row padded to two). Best of repeats, ms for
-the whole model, one run; the last column checks both give the same numbers.
+order, so the weights stream from memory as in a real step: `F.linear(x, W)` (nn.Linear's product, x @ W.T),
+`rows_linear(x, W)` (the same product computed as (W @ x.T).T, one row padded to two), oneDNN's product on the
+weight packed once (`kernels.pack`), and `kernels.linear`, which picks one of the last two by row count (what
+CpuLinear runs). Best of repeats, ms for the whole model, one run; the last column checks that all give the same
+numbers.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from medusa_core.backends.hf import load_model_and_tokenizer
-from medusa_core.backends.kernels import rows_linear
+from medusa_core.backends.kernels import linear, pack, rows_linear
 from medusa_core.config import load_config
 from medusa_core.tune_tree import best_time
 
@@ -33,16 +35,25 @@ def main() -> None:
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]  # in model order
     print(f"{len(weights)} linear layers, {sum(w.numel() for w in weights) / 1e6:.1f} M weights, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'rows':>5}{'F.linear ms':>13}{'rows_linear ms':>16}{'speed-up':>10}{'max |diff|':>12}")
+    packed = [pack(w) for w in weights]
+    print(f"{'rows':>5}{'F.linear ms':>13}{'rows_linear ms':>16}{'packed ms':>11}{'linear ms':>11}{'speed-up':>10}"
+          f"{'max |diff|':>12}")
     with torch.inference_mode():
         for M in args.rows:
             xs = {w.shape[1]: torch.randn(M, w.shape[1], generator=torch.Generator().manual_seed(M))
                   for w in weights}
-            base = best_time(lambda: [nn.functional.linear(xs[w.shape[1]], w) for w in weights], args.repeats)
-            fast = best_time(lambda: [rows_linear(xs[w.shape[1]], w) for w in weights], args.repeats)
-            diff = max(float((nn.functional.linear(xs[w.shape[1]], w) - rows_linear(xs[w.shape[1]], w)).abs().max())
-                       for w in weights)
-            print(f"{M:>5}{1000 * base:>13.1f}{1000 * fast:>16.1f}{base / fast:>9.2f}x{diff:>12.1e}", flush=True)
+            products = {
+                "F.linear": lambda w, p: nn.functional.linear(xs[w.shape[1]], w),
+                "rows_linear": lambda w, p: rows_linear(xs[w.shape[1]], w),
+                "packed": lambda w, p: torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [None], ""),
+                "linear": lambda w, p: linear(xs[w.shape[1]], w, None, p),
+            }
+            ms = {name: 1000 * best_time(lambda: [f(w, p) for w, p in zip(weights, packed)], args.repeats)
+                  for name, f in products.items()}
+            diff = max(float((products["F.linear"](w, p) - f(w, p)).abs().max())
+                       for w, p in zip(weights, packed) for f in products.values())
+            print(f"{M:>5}{ms['F.linear']:>13.1f}{ms['rows_linear']:>16.1f}{ms['packed']:>11.1f}{ms['linear']:>11.1f}"
+                  f"{ms['F.linear'] / ms['linear']:>9.2f}x{diff:>12.1e}", flush=True)
 
 
 if __name__ == "__main__":

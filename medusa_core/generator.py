@@ -26,7 +26,7 @@ from medusa_core.heads import MedusaHeads, load_heads, random_heads
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
-COST_FORMAT = 2  # part of the step-cost file's key: bump when a backend's kernels change what a step costs
+COST_FORMAT = 3  # part of the step-cost file's key: bump when a backend's kernels change what a step costs
 
 
 class RequestError(ValueError):
@@ -279,10 +279,10 @@ def _heads_folder(heads: HeadsConfig) -> str:
 
 
 def _cost_file(config: GeneratorConfig, drafter: MedusaHeads) -> Path:
-    """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (their shape too: a folder
-    can be retrained with more heads), tree, threads and CPU."""
+    """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (every parameter's shape
+    too: a folder can be retrained with more heads, layers or root conditioning), tree, threads and CPU."""
     key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), config.heads.model_dump(mode="json"),
-                      tuple(drafter.weight.shape),
+                      sorted((name, tuple(p.shape)) for name, p in drafter.named_parameters()),
                       config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
     return resolve_repo_path(".cache/medusa") / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -1,10 +1,10 @@
-"""The CPU backend's kernels (RowsLinear, gqa_sdpa) compute what stock transformers computes, parameters untouched."""
+"""The CPU backend's kernels (CpuLinear, gqa_sdpa) compute what stock transformers computes, parameters untouched."""
 import pytest
 import torch
 from torch import nn
 
-from medusa_core.backends.hf import HFBackend, RowsLinear
-from medusa_core.backends.kernels import ROWS_PER_THREAD, rows_linear
+from medusa_core.backends.hf import CpuLinear, HFBackend
+from medusa_core.backends.kernels import FEW_ROWS, ROWS_PER_THREAD, linear, pack, rows_linear
 from medusa_core.tree import build_tree_buffers
 from tests.conftest import tiny_llama
 
@@ -22,6 +22,21 @@ def test_rows_linear_equals_linear(rows, bias):
     torch.testing.assert_close(out, nn.functional.linear(x3, weight, b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1, 40, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    x = torch.randn(2, rows, 64, generator=g)  # [B, S, H]
+    packed = pack(weight)
+    assert packed is not None, "this torch has no oneDNN: the CPU backend would run slower products"
+    out = linear(x, weight, b, packed)
+    assert out.shape == (2, rows, 96)
+    torch.testing.assert_close(out, nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+    assert pack(weight.double()) is None  # fp32 only: other dtypes keep the unpacked products
+
+
 def test_cpu_backend_swaps_every_linear_and_keeps_tied_weights():
     from transformers import LlamaForCausalLM
 
@@ -36,7 +51,8 @@ def test_cpu_backend_swaps_every_linear_and_keeps_tied_weights():
         before = model(ids).logits
     backend = HFBackend(model, tokenizer=None)
     linears = [m for m in backend.model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is RowsLinear for m in linears)
+    assert linears and all(type(m) is CpuLinear and m.packed is not None for m in linears)
+    assert not any("packed" in k for k in backend.model.state_dict())  # the packed copies are not saved
     for name, p in backend.model.named_parameters():
         assert torch.equal(p, reference[name])
     assert backend.model.lm_head.weight is backend.model.model.embed_tokens.weight

@@ -1,17 +1,38 @@
-"""CPU matrix products for few rows, shared by the backends' torch code (model linear layers, the heads' lm_head).
+"""CPU matrix products for the backends' torch code (model linear layers, the heads' lm_head), chosen by rows.
 
-MKL's kernel for x @ W.T with a handful of rows streams W 1.3-3x slower on this machine than the same product laid
-out as (W @ x.T).T; decode steps and small tree verifications are exactly such products. `python
-benchmarks/cpu_matmul.py [--threads N]` prints both for every linear layer of the embedded model.
+Decode steps and tree verifications multiply each weight by a handful of rows (B x T). On this machine MKL's kernel
+for x @ W.T with a few rows streams W 1.3-3x slower than the same product laid out as (W @ x.T).T, and both fall
+behind oneDNN's product on a weight packed once into its blocked layout from ~8 rows on (1.5-2x faster at 8-64 rows,
+and faster for one row on one thread). `python benchmarks/cpu_matmul.py [--threads N]` prints all three for every
+linear layer of the embedded model.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-# Up to this many rows per torch thread (W @ x.T).T is the faster product; above, nn.Linear's own is as fast or
-# faster (benchmarks/cpu_matmul.py: the cross-over is at 5-6 rows on 1 thread, 11-12 on 2).
+# Without a packed weight, (W @ x.T).T beats nn.Linear's product up to this many rows per torch thread.
 ROWS_PER_THREAD = 4
+# With one, (W @ x.T).T still wins from 2 rows to this many on 1 and 2 threads (benchmarks/cpu_matmul.py: the packed
+# product is faster for one row and 1.6-2x faster from 8 rows on).
+FEW_ROWS = 4
+
+
+def pack(weight: Tensor) -> Tensor | None:
+    """weight [H_out, H_in] packed into oneDNN's blocked layout for `linear`; None off the CPU, for other dtypes
+    than fp32, or without oneDNN (then `linear` runs the unpacked products)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
+    """x [..., H_in] @ weight.T (+ bias) with the fastest CPU product for its row count: (W @ x.T).T for 2 to
+    FEW_ROWS rows, else the packed product when `packed` (from `pack(weight)`) is given."""
+    M = x.numel() // x.shape[-1]
+    if packed is None or 2 <= M <= FEW_ROWS:
+        return rows_linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
