@@ -84,3 +84,18 @@ def test_step_costs_are_measured_once_then_read_back(tiny_backend, tmp_path):
     assert cache.is_file() and first.batch_sizes == (1, 2, 4)
     again = load_or_calibrate(tiny_backend, heads, preset_paths("mc_16"), 10, 4, 0.03, cache)
     assert again.step_s == first.step_s and [t.num_nodes for t in again.trees] == [t.num_nodes for t in first.trees]
+
+
+def test_step_costs_are_kept_apart_for_heads_of_another_shape():
+    """Retrained heads with root conditioning (one more matrix per head) must not reuse the old heads' step costs."""
+    import torch
+
+    from medusa_core.config import DEFAULT_CONFIG, load_config
+    from medusa_core.generator import _cost_file
+    from medusa_core.heads import random_heads
+
+    config = load_config(DEFAULT_CONFIG)
+    plain = random_heads(4, 64, seed=0, scale=0.0, dtype=torch.float32)
+    rooted = random_heads(4, 64, seed=0, scale=0.0, dtype=torch.float32, root_conditioned=True)
+    assert _cost_file(config, plain) != _cost_file(config, rooted)
+    assert _cost_file(config, plain) == _cost_file(config, random_heads(4, 64, seed=1, scale=0.5, dtype=torch.float32))
