@@ -37,13 +37,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., H_in] @ weight.T [H_in, H_out] (+ bias), as (W @ x.T).T on the CPU for up to ROWS_PER_THREAD rows per
-    thread; nn.Linear's product otherwise (other devices, more rows). A single row is padded to two: MKL's
-    matrix-vector kernel is as slow as the product this avoids."""
+    thread; nn.Linear's product otherwise (other devices, more rows). An odd row count is padded to the next even
+    one: MKL's kernels for 1 or 3 columns are slower than for 2 or 4 (one row: its matrix-vector kernel is as slow as
+    the product this avoids)."""
     M = x.numel() // x.shape[-1]
     if weight.device.type != "cpu" or M > ROWS_PER_THREAD * torch.get_num_threads():
         return nn.functional.linear(x, weight, bias)
     rows = x.reshape(M, x.shape[-1]).contiguous()  # [M, H_in]; a column-major x would hit the slow kernel again
-    if M == 1:
+    if M % 2:
         rows = nn.functional.pad(rows, (0, 0, 0, 1))
     out = (weight @ rows.t())[:, :M].t().contiguous()  # [M, H_out]
     if bias is not None:
