@@ -76,7 +76,7 @@ def plot(ev: dict, tune: dict, out: Path) -> None:
     for i, r in enumerate(runs):
         a3.text(i, r["tokens_per_second"], f"{r['tokens_per_second'] / runs[0]['tokens_per_second']:.2f}x\n"
                 f"{r['accepted_length']:.2f} tok/step", ha="center", va="bottom", fontsize=8)
-    a3.set_xticks(range(len(runs)), [f"{r['name']}\n({r['nodes']})" for r in runs], fontsize=8)
+    a3.set_xticks(range(len(runs)), [f"{r['name']} ({r['nodes']})" for r in runs], fontsize=8, rotation=30, ha="right")
     a3.set(ylabel="tokens/s (decode, batch 1)", title="Measured: Medusa trees vs plain greedy")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
