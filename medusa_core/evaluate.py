@@ -21,7 +21,7 @@ from medusa_core.backends import Backend
 from medusa_core.decode import DecodeRequest, Drafter, decode
 from medusa_core.distill import HiddenCache
 from medusa_core.heads import MedusaHeads
-from medusa_core.train import loss_positions
+from medusa_core.train import cached_head_hidden, loss_positions
 from medusa_core.tree import TreeBuffers, plain_tree
 
 
@@ -44,8 +44,7 @@ def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", m
     for i in tqdm(range(0, len(positions), chunk), desc="ranking targets", unit="chunk", leave=False):
         pos = positions[i : i + chunk]
         target, valid = cache.targets(pos, K, kind)  # [N, K]
-        root_rows = cache.root_rows(pos) if heads.root is not None else None
-        logits = heads.head_hidden(cache.hidden[pos].float(), root_rows) @ lm_head.T  # [N, K, V']
+        logits = cached_head_hidden(heads, cache, pos) @ lm_head.T  # [N, K, V']
         reachable = target < lm_head.shape[0]
         score = logits.gather(-1, target.clamp(max=lm_head.shape[0] - 1)[..., None])  # [N, K, 1]
         rank = torch.where(reachable, (logits > score).sum(-1), max_rank).clamp(max=max_rank)  # [N, K]

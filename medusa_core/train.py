@@ -68,11 +68,17 @@ def loss_positions(cache: HiddenCache) -> Tensor:
     return t[ok]
 
 
+def cached_head_hidden(heads: MedusaHeads, cache: HiddenCache, positions: Tensor) -> Tensor:
+    """Per-head hidden states [N, K, H] at cached positions [N] (with each position's root, for root-conditioned
+    heads): what training and evaluation feed the lm_head."""
+    root_rows = cache.root_rows(positions) if heads.root is not None else None  # [N, H]
+    return heads.head_hidden(cache.hidden[positions].float(), root_rows)
+
+
 def head_loss(heads: MedusaHeads, cache: HiddenCache, positions: Tensor, cfg: TrainConfig) -> Tensor:
     """The weighted Medusa loss for a batch of positions [N]."""
     target, valid = cache.targets(positions, cfg.num_heads, cfg.targets)  # [N, K]
-    root_rows = cache.root_rows(positions) if heads.root is not None else None  # [N, H]
-    x = heads.head_hidden(cache.hidden[positions].float(), root_rows)  # [N, K, H]
+    x = cached_head_hidden(heads, cache, positions)  # [N, K, H]
     if cfg.vocab == "full":
         vocab_ids = None
         logits = x @ cache.lm_head.T  # [N, K, V]
