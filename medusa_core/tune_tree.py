@@ -59,25 +59,27 @@ class StepCost:
 @torch.inference_mode()
 def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nodes: int, context: int = 256,
                       repeats: int = 5) -> list[StepCost]:
-    """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt."""
-    prompt = list(range(1000, 1000 + context))
+    """Time heads + verify for trees of 1..max_nodes nodes (batch 1) after a `context`-token prompt. The sizes take
+    turns, one timed pass each per round, so a drift in the machine's speed touches every size alike."""
+    token = 1000 % backend.vocab_size  # content does not change the cost
+    prompt = [(token + i) % backend.vocab_size for i in range(context)]
     hidden = torch.zeros(1, backend.hidden_size, dtype=backend.dtype, device=backend.device)
-    root = torch.tensor([1000])
+    root = torch.tensor([token])
     heads_s = [0.0] + [best_time(lambda: heads.draft(hidden, root, [[]], d, acc.shape[1], backend), repeats)
                        for d in range(1, heads.num_heads + 1)]  # by tree depth: only that many heads run
-    costs = []
-    for n in tqdm(range(1, max_nodes + 1), desc="timing verification", unit="tree"):
-        tree = build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1])
-        _, cache = backend.prefill([prompt])
-        tokens = torch.full((1, tree.num_nodes), 1000, dtype=torch.long)
-        root_only = torch.zeros(1, tree.max_depth + 1, dtype=torch.long)
-
-        def one_pass() -> None:
+    trees = [build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1]) for n in range(1, max_nodes + 1)]
+    caches = [backend.prefill([prompt])[1] for _ in trees]
+    verify_s = [float("inf")] * len(trees)
+    for round_ in tqdm(range(1 + repeats), desc="timing verification (rounds over all sizes)", unit="round"):
+        for i, (tree, cache) in enumerate(zip(trees, caches)):
+            tokens = torch.full((1, tree.num_nodes), token, dtype=torch.long)
+            root_only = torch.zeros(1, tree.max_depth + 1, dtype=torch.long)
+            start = time.perf_counter()
             backend.verify(cache, tokens, tree)
             backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))  # accept nothing: context grows by 1
-
-        costs.append(StepCost(n, best_time(one_pass, repeats), heads_s[tree.max_depth]))
-    return costs
+            if round_:  # round 0 warms every size up
+                verify_s[i] = min(verify_s[i], time.perf_counter() - start)
+    return [StepCost(t.num_nodes, v, heads_s[t.max_depth]) for t, v in zip(trees, verify_s)]
 
 
 def best_time(fn, repeats: int) -> float:

@@ -36,3 +36,15 @@ def test_choose_size_trades_length_for_cost():
     assert choose_size(ACC, flat)[0].nodes == 32
     steep = [StepCost(n, 0.01 * n, 0.0) for n in range(1, 33)]  # cost proportional to nodes: plain wins
     assert choose_size(ACC, steep)[0].nodes == 1
+
+
+def test_measure_step_cost_times_every_size(tiny_backend):
+    from medusa_core.heads import random_heads
+    from medusa_core.tune_tree import measure_step_cost
+
+    heads = random_heads(3, tiny_backend.hidden_size, seed=0, scale=0.02, dtype=tiny_backend.dtype)
+    acc = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.1, 0.05], [0.2, 0.1, 0.05]])
+    costs = measure_step_cost(tiny_backend, heads, acc, max_nodes=6, context=16, repeats=2)
+    assert [c.nodes for c in costs] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < c.verify_s < 1 for c in costs)
+    assert costs[0].heads_s == 0 and all(c.heads_s > 0 for c in costs[1:])
