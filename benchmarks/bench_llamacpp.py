@@ -1,7 +1,8 @@
 """Medusa on llama.cpp vs plain decoding vs llama-cpp-python's own greedy `create_completion`, side by side.
 
     python benchmarks/bench_llamacpp.py [--config configs/smollm2-135m-llamacpp.yaml] [--gguf FILE]
-        [--trees chain_2 mc_8 mc_16] [--adaptive mc_16] [--batch-sizes 1 4 8] [--max-tokens 128] [--prompts 8]
+        [--trees chain_2 mc_8 mc_16] [--lookup] [--adaptive mc_16] [--batch-sizes 1 4 8] [--max-tokens 128]
+        [--prompts 8]
 
 One run, the same chat prompts and token budget for every row, greedy, EOS ignored. It prints:
 - the cost curve: ms per llama_decode of N tokens after a 200-token prefix (what a tree of N nodes costs);
@@ -14,6 +15,7 @@ and saves a bar plot next to the table (benchmarks/results/llamacpp.png by defau
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,9 @@ from tqdm import tqdm
 
 from medusa_core.adaptive import calibrate
 from medusa_core.backends.hf import resolve_source
-from medusa_core.config import load_config, resolve_repo_path
+from medusa_core.config import LookupConfig, load_config, resolve_repo_path
 from medusa_core.generator import MedusaGenerator, TextRequest, load_generator
+from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
 
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-lookup", action="store_true", help="also run LlamaPromptLookupDecoding")
+    ap.add_argument("--lookup", action="store_true", help="also run every tree with our prompt lookup merged into "
+                    "the heads' candidates (the config's tree.lookup settings)")
     ap.add_argument("--threads", type=int, default=None, help="override base_model.llamacpp.n_threads")
     ap.add_argument("--head-vocab", type=int, default=None, help="override heads.head_vocab")
     ap.add_argument("--oracle", action="store_true", help="heads that know plain's output (acceptance upper bound)")
@@ -180,7 +185,8 @@ def main() -> None:
     config = config.model_copy(update={"base_model": base, "heads": heads_cfg})
     gen = load_generator(config)
     gen.policy = None  # fixed-tree rows use their tree every step; the adaptive row sets its own policy
-    heads = gen.drafter
+    heads = gen.drafter.heads if isinstance(gen.drafter, LookupDrafter) else gen.drafter  # rows say which they use
+    lookup = config.tree.lookup or LookupConfig()
     gguf_path = gen.backend.gguf_path
     prompts = [tuple(gen.encode_chat([{"role": "user", "content": p}])) for p in (PROMPTS * 4)[: args.prompts]]
     n, threads = args.max_tokens, base.llamacpp.n_threads or 2
@@ -208,22 +214,26 @@ def main() -> None:
         rows.append(Row("plain", batch, tps, per_step))
         if args.oracle:
             heads = OracleDrafter(dict(zip(prompts, plain_ids)), heads.num_heads)
-        gen.drafter = TimedDrafter(heads)
-        for name in args.trees:
-            gen.tree = build_tree_buffers(preset_paths(name), config.tree.top_k, gen.drafter.num_heads)
-            gen.drafter.seconds = 0.0
+        drafters = {"": heads}
+        if args.lookup:
+            drafters[" +lookup"] = LookupDrafter(heads, lookup.min_ngram, lookup.max_ngram)
+        for name, (suffix, drafter) in itertools.product(args.trees, drafters.items()):
+            gen.drafter = TimedDrafter(drafter)
+            gen.tree = build_tree_buffers(preset_paths(name), config.tree.top_k)
             start = time.perf_counter()
             tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
             share = gen.drafter.seconds / (time.perf_counter() - start)
             same = sum(a == b for a, b in zip(ids, plain_ids))
-            rows.append(Row(f"medusa {name}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+            rows.append(Row(f"medusa {name}{suffix}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+        suffix, drafter = list(drafters.items())[-1]  # the adaptive row drafts with the lookup if it is on
+        gen.drafter = TimedDrafter(drafter)
         if policy is not None:
-            gen.tree = build_tree_buffers(preset_paths(args.adaptive), config.tree.top_k, gen.drafter.num_heads)
+            gen.tree = build_tree_buffers(preset_paths(args.adaptive), config.tree.top_k)
             gen.policy, gen.drafter.seconds, start = policy, 0.0, time.perf_counter()
             tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
             share = gen.drafter.seconds / (time.perf_counter() - start)
             same = sum(a == b for a, b in zip(ids, plain_ids))
-            rows.append(Row(f"medusa adaptive {args.adaptive}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+            rows.append(Row(f"medusa adaptive {args.adaptive}{suffix}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
             gen.policy = None
     heads_name = "oracle" if args.oracle else config.heads.source.path if config.heads.source else "random"
     title = f"{gguf_path.name}, {threads} threads, {len(prompts)} prompts x {n} tokens, heads: {heads_name}"

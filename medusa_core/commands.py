@@ -41,6 +41,8 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     _common(ev, default_config)
     ev.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
     ev.add_argument("--trees", nargs="*", default=None, help="tree presets (default: the config's tree + chains)")
+    ev.add_argument("--lookup", action="store_true", help="also run every tree with prompt lookup merged into the "
+                    "heads' candidates (the config's tree.lookup settings; trees deeper than the heads run only so)")
     ev.add_argument("--prompts", type=int, default=8, help="held-out chat prompts to decode")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -187,7 +189,9 @@ def _load_heads(config, backend, folder: str | None):
 
 def eval_command(args: argparse.Namespace) -> None:
     from medusa_core import data as sharegpt
+    from medusa_core.config import LookupConfig
     from medusa_core.evaluate import benchmark_trees, format_runs
+    from medusa_core.lookup import LookupDrafter
     from medusa_core.tree import build_tree_buffers
     from medusa_core.tree_presets import preset_paths
 
@@ -198,10 +202,17 @@ def eval_command(args: argparse.Namespace) -> None:
     print(_format_accuracy(accuracy))
     names = args.trees or [config.tree.preset or "config", *[f"chain_{d}" for d in range(2, heads.num_heads + 1)]]
     trees = {n: build_tree_buffers(config.tree.resolved_paths() if n == "config" else preset_paths(n),
-                                   config.tree.top_k, heads.num_heads) for n in names}
+                                   config.tree.top_k) for n in names}
+    drafted = {n: (heads, t) for n, t in trees.items() if t.max_depth <= heads.num_heads}
+    if args.lookup:
+        lookup = config.tree.lookup or LookupConfig()
+        drafter = LookupDrafter(heads, lookup.min_ngram, lookup.max_ngram)
+        drafted |= {f"{n}+lookup": (drafter, t) for n, t in trees.items()}
+    if not drafted:
+        raise SystemExit(f"every tree is deeper than the {heads.num_heads} heads; add --lookup to run them")
     _, held_out = sharegpt.split(sharegpt.read_sharegpt()[0])
     prompts = [p for c in held_out if (p := sharegpt.first_turn_prompt(backend.tokenizer, c, 160))][: args.prompts]
-    runs = benchmark_trees(backend, heads, trees, prompts, args.max_new_tokens)
+    runs = benchmark_trees(backend, drafted, prompts, args.max_new_tokens)
     print(format_runs(runs))
     result = {"accuracy": accuracy, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "runs": [{**asdict(r), "accepted_length": r.accepted_length, "tokens_per_second": r.tokens_per_second,

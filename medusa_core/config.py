@@ -102,12 +102,28 @@ class AdaptiveConfig(Strict):
                                  "verifying the whole tree to keep measuring every node's acceptance.")
 
 
+class LookupConfig(Strict):
+    """Prompt lookup (medusa_core/lookup.py): where the history's last n tokens occurred before, what followed them
+    takes rank 0 of each depth, ahead of the heads' candidates."""
+
+    min_ngram: int = Field(1, ge=1, le=16, description="Shortest suffix of the history looked up.")
+    max_ngram: int = Field(4, ge=1, le=16, description="Longest suffix looked up (tried first).")
+
+    @model_validator(mode="after")
+    def _order(self) -> LookupConfig:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) is larger than max_ngram ({self.max_ngram})")
+        return self
+
+
 class TreeConfig(Strict):
     preset: str | None = Field(None, description="A name from medusa_core.tree_presets.")
     paths: list[list[int]] | None = Field(None, description="Explicit paths of head ranks (root implicit).")
     top_k: int = Field(10, gt=0, le=64, description="Candidates taken from each head.")
     adaptive: AdaptiveConfig | None = Field(None, description="Choose a prefix of the tree (or none) per step by "
                                             "measured cost and acceptance; absent: always the whole tree.")
+    lookup: LookupConfig | None = Field(None, description="Merge prompt-lookup guesses into the heads' candidates "
+                                        "(rank 0 of each depth); a tree may then be deeper than the heads.")
 
     @model_validator(mode="after")
     def _check(self) -> TreeConfig:

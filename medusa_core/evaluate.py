@@ -98,11 +98,11 @@ def run_tree(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, promp
     return outputs, steps, seconds
 
 
-def benchmark_trees(backend: Backend, drafter: Drafter, trees: dict[str, TreeBuffers], prompts: list[list[int]],
+def benchmark_trees(backend: Backend, trees: dict[str, tuple[Drafter, TreeBuffers]], prompts: list[list[int]],
                     max_new_tokens: int) -> list[TreeRun]:
-    """Plain greedy and each tree decode the same prompts to the same length, interleaved prompt by prompt after one
-    warm-up decode each, so that a drift in the machine's speed touches every tree alike."""
-    runs = {"plain": (None, plain_tree()), **{name: (drafter, tree) for name, tree in trees.items()}}
+    """Plain greedy and each (drafter, tree) decode the same prompts to the same length, interleaved prompt by
+    prompt after one warm-up decode each, so that a drift in the machine's speed touches every tree alike."""
+    runs = {"plain": (None, plain_tree()), **trees}
     for d, tree in runs.values():
         run_tree(backend, d, tree, prompts[:1], 8)  # first-call allocations stay out of the timing
     outputs = {name: [] for name in runs}
@@ -119,8 +119,8 @@ def benchmark_trees(backend: Backend, drafter: Drafter, trees: dict[str, TreeBuf
 
 def format_runs(runs: list[TreeRun]) -> str:
     base = runs[0].tokens_per_second
-    lines = [f"{'tree':<14}{'nodes':>6}{'tok/step':>10}{'tok/s':>9}{'speed-up':>10}  same-as-plain"]
+    lines = [f"{'tree':<24}{'nodes':>6}{'tok/step':>10}{'tok/s':>9}{'speed-up':>10}  same-as-plain"]
     for r in runs:
-        lines.append(f"{r.name:<14}{r.nodes:>6}{r.accepted_length:>10.2f}{r.tokens_per_second:>9.1f}"
+        lines.append(f"{r.name:<24}{r.nodes:>6}{r.accepted_length:>10.2f}{r.tokens_per_second:>9.1f}"
                      f"{r.tokens_per_second / base:>9.2f}x  {'yes' if r.matches_plain else 'NO'}")
     return "\n".join(lines)

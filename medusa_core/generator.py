@@ -23,6 +23,7 @@ from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
 from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
 from medusa_core.heads import MedusaHeads, load_heads, random_heads
+from medusa_core.lookup import LookupDrafter
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
@@ -278,11 +279,11 @@ def _heads_folder(heads: HeadsConfig) -> str:
         ) from e
 
 
-def _cost_file(config: GeneratorConfig, drafter: MedusaHeads) -> Path:
+def _cost_file(config: GeneratorConfig, heads: MedusaHeads) -> Path:
     """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (every parameter's shape
     too: a folder can be retrained with more heads, layers or root conditioning), tree, threads and CPU."""
     key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), config.heads.model_dump(mode="json"),
-                      sorted((name, tuple(p.shape)) for name, p in drafter.named_parameters()),
+                      sorted((name, tuple(p.shape)) for name, p in heads.named_parameters()),
                       config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
     return resolve_repo_path(".cache/medusa") / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -290,11 +291,13 @@ def _cost_file(config: GeneratorConfig, drafter: MedusaHeads) -> Path:
 
 def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     backend = load_backend(config.base_model)
-    drafter = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
+    heads = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
+    drafter = heads if (lookup := config.tree.lookup) is None else LookupDrafter(heads, lookup.min_ngram,
+                                                                                  lookup.max_ngram)
     paths = config.tree.resolved_paths()
-    tree = build_tree_buffers(paths, config.tree.top_k, drafter.num_heads)
+    tree = build_tree_buffers(paths, config.tree.top_k, heads.num_heads if lookup is None else None)
     policy = None
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
-                                   adaptive.explore_share, _cost_file(config, drafter))
+                                   adaptive.explore_share, _cost_file(config, heads))
     return MedusaGenerator(config, backend, drafter, tree, policy)

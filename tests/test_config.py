@@ -42,10 +42,18 @@ def test_minimal_config(tmp_path):
     (("{source: {path: somewhere}}", "{source: {path: a, hub_id: b}}"), "base_model.source"),
     (("{source: {path: somewhere}}", "{source: {path: a}, dtype: float8}"), "base_model.dtype"),
     (("tree: {preset: chain_2}", "tree: {paths: [[0, 0]]}"), "lacks its parent"),
+    (("tree: {preset: chain_2}", "tree: {preset: chain_2, lookup: {min_ngram: 3, max_ngram: 2}}"), "tree.lookup"),
+    (("tree: {preset: chain_2}", "tree: {preset: chain_2, lookup: {min_ngram: 0}}"), "tree.lookup.min_ngram"),
 ])
 def test_bad_config_names_field(tmp_path, change, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(write(tmp_path, GOOD.replace(*change)))
+
+
+def test_lookup_config(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD.replace("tree: {preset: chain_2}", "tree: {preset: chain_5, lookup: {}}")))
+    assert (cfg.tree.lookup.min_ngram, cfg.tree.lookup.max_ngram) == (1, 4)
+    assert load_config(write(tmp_path, GOOD)).tree.lookup is None
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
