@@ -40,6 +40,9 @@ def render_card(train: dict | None, evaluation: dict | None) -> str:
         for r in evaluation["runs"]:
             lines.append(f"| {r['name']} | {r['nodes']} | {r['accepted_length']:.2f} | "
                          f"{r['tokens_per_second']:.1f} | {r['speedup']:.2f}x | {'yes' if r['matches_plain'] else 'NO'} |")
+        if any(r["name"].endswith("+lookup") for r in evaluation["runs"]):
+            lines += ["", "`+lookup`: the same tree with prompt lookup merged into the heads' candidates "
+                          "(`tree.lookup`, medusa_core/lookup.py)."]
     if notes := [d["note"] for d in (train, evaluation) if d and "note" in d]:
         lines += ["", "## Note", "", notes[0]]
     return "\n".join(lines) + "\n"
