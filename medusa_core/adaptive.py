@@ -3,7 +3,8 @@ the current batch size, down to the root alone (plain decoding) when speculation
 
 Both sides are measured, not assumed:
 - cost: `calibrate` times one decode step (heads + verification pass + cache update) on the real backend for each
-  candidate tree and batch sizes 1, 2, 4, ...; other batch sizes interpolate linearly. The timings (seconds, once
+  candidate tree and batch sizes 1, 2, 4, ... (the trees in turns, best of 3 rounds: a replica calibrates while
+  Ray is still starting around it); other batch sizes interpolate linearly. The timings (seconds, once
   per machine and settings) are kept in .cache/medusa/ so that later replica starts skip them.
 - gain: with distinct candidates among siblings, greedy acceptance accepts at most one node per depth, so a tree's
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,7 +30,6 @@ import torch
 
 from medusa_core.backends import Backend
 from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
-from medusa_core.tune_tree import best_time
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 
@@ -110,32 +111,33 @@ def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]],
 
 @torch.inference_mode()
 def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: int, max_batch: int,
-              explore_share: float = 0.03, context: int = 64, repeats: int = 1) -> TreePolicy:
-    """Time one step of every candidate tree at batch sizes 1, 2, 4, ... max_batch on this backend."""
+              explore_share: float = 0.03, context: int = 64, repeats: int = 3) -> TreePolicy:
+    """Time one step of every candidate tree at batch sizes 1, 2, 4, ... max_batch on this backend: per batch size
+    the trees take turns, one step each per round, and each keeps its fastest of `repeats` rounds after a warm-up
+    round, so load that comes and goes while a replica starts touches every tree alike."""
     trees = prefix_trees(paths, top_k)
     batch_sizes = tuple(sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)}))
     step_s = []
     for b in batch_sizes:
         prompt = [t % backend.vocab_size for t in range(1000, 1000 + context)]  # content does not change the cost
         _, cache = backend.prefill([prompt] * b)  # each timed pass adds one token per row
-        step_s.append(tuple(_step_seconds(backend, drafter, cache, tree, b, repeats) for tree in trees))
+        rounds = [[_step_seconds(backend, drafter, cache, tree, b) for tree in trees] for _ in range(1 + repeats)]
+        step_s.append(tuple(min(times) for times in zip(*rounds[1:])))  # round 0 warms every tree up
     return TreePolicy(trees, batch_sizes, tuple(step_s), explore_share)
 
 
-def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: int, repeats: int) -> float:
-    """Best-of-repeats seconds of heads + verify + keep for `batch` rows (accepting the root only); infinite when
-    the backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
+def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: int) -> float:
+    """Seconds of one step (heads + verify + keep) for `batch` rows, accepting the root only; infinite when the
+    backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
     hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
     tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)
     root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
-
-    def one_step() -> None:
+    start = time.perf_counter()
+    try:
         if tree.num_nodes > 1:
             drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.max_depth, tree.top_k, backend)
         backend.verify(cache, tokens, tree)
-        backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
-
-    try:
-        return best_time(one_step, repeats)  # the warm-up call finds out whether the tree fits
     except ValueError:
         return float("inf")
+    backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
+    return time.perf_counter() - start

@@ -27,7 +27,7 @@ from medusa_core.lookup import LookupDrafter
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
-COST_FORMAT = 3  # part of the step-cost file's key: bump when a backend's kernels change what a step costs
+COST_FORMAT = 4  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
 
 
 class RequestError(ValueError):
