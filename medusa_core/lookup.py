@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from medusa_core.decode import Drafter
 
 NO_GUESS = -1
-FILLER = 0  # candidate where neither the heads nor the lookup propose (depths beyond the heads); verified as any
+FILLER = 0  # where neither heads nor lookup propose (beyond the heads): safe, accepted only if it is the argmax
 
 
 def continuation(history: Sequence[int], depth: int, min_ngram: int, max_ngram: int) -> list[int]:
