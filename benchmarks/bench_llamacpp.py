@@ -88,6 +88,17 @@ def run_ours(gen: MedusaGenerator, prompts: list[tuple[int, ...]], batch: int, m
     return tokens / (time.perf_counter() - start), tokens / steps, ids
 
 
+def medusa_row(gen: MedusaGenerator, drafter, label: str, prompts: list[tuple[int, ...]], batch: int, n: int,
+               plain_ids: list[tuple[int, ...]]) -> Row:
+    """Decode with `drafter` and the generator's tree (and policy): tokens/s, tokens per step, the heads' share of
+    the time, and how many outputs equal plain decoding's."""
+    gen.drafter, start = TimedDrafter(drafter), time.perf_counter()
+    tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
+    share = gen.drafter.seconds / (time.perf_counter() - start)
+    same = sum(a == b for a, b in zip(ids, plain_ids))
+    return Row(label, batch, tps, per_step, share, f"{same}/{len(ids)}")
+
+
 def run_llama_cpp_python(gguf: Path, prompts: list[tuple[int, ...]], n: int, threads: int, n_ctx: int,
                          lookup: bool) -> float:
     from llama_cpp import Llama
@@ -218,22 +229,13 @@ def main() -> None:
         if args.lookup:
             drafters[" +lookup"] = LookupDrafter(heads, lookup.min_ngram, lookup.max_ngram)
         for name, (suffix, drafter) in itertools.product(args.trees, drafters.items()):
-            gen.drafter = TimedDrafter(drafter)
             gen.tree = build_tree_buffers(preset_paths(name), config.tree.top_k)
-            start = time.perf_counter()
-            tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
-            share = gen.drafter.seconds / (time.perf_counter() - start)
-            same = sum(a == b for a, b in zip(ids, plain_ids))
-            rows.append(Row(f"medusa {name}{suffix}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
-        suffix, drafter = list(drafters.items())[-1]  # the adaptive row drafts with the lookup if it is on
-        gen.drafter = TimedDrafter(drafter)
+            rows.append(medusa_row(gen, drafter, f"medusa {name}{suffix}", prompts, batch, n, plain_ids))
         if policy is not None:
-            gen.tree = build_tree_buffers(preset_paths(args.adaptive), config.tree.top_k)
-            gen.policy, gen.drafter.seconds, start = policy, 0.0, time.perf_counter()
-            tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
-            share = gen.drafter.seconds / (time.perf_counter() - start)
-            same = sum(a == b for a, b in zip(ids, plain_ids))
-            rows.append(Row(f"medusa adaptive {args.adaptive}{suffix}", batch, tps, per_step, share, f"{same}/{len(ids)}"))
+            suffix, drafter = list(drafters.items())[-1]  # the adaptive row drafts with the lookup if it is on
+            gen.tree, gen.policy = build_tree_buffers(preset_paths(args.adaptive), config.tree.top_k), policy
+            rows.append(medusa_row(gen, drafter, f"medusa adaptive {args.adaptive}{suffix}", prompts, batch, n,
+                                   plain_ids))
             gen.policy = None
     heads_name = "oracle" if args.oracle else config.heads.source.path if config.heads.source else "random"
     title = f"{gguf_path.name}, {threads} threads, {len(prompts)} prompts x {n} tokens, heads: {heads_name}"

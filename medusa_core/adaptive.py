@@ -23,6 +23,7 @@ import pathlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 
 from medusa_core.backends import Backend
 from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
+from medusa_core.tune_tree import fastest_in_turns
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 
@@ -121,8 +123,8 @@ def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: 
     for b in batch_sizes:
         prompt = [t % backend.vocab_size for t in range(1000, 1000 + context)]  # content does not change the cost
         _, cache = backend.prefill([prompt] * b)  # each timed pass adds one token per row
-        rounds = [[_step_seconds(backend, drafter, cache, tree, b) for tree in trees] for _ in range(1 + repeats)]
-        step_s.append(tuple(min(times) for times in zip(*rounds[1:])))  # round 0 warms every tree up
+        steps = [partial(_step_seconds, backend, drafter, cache, tree, b) for tree in trees]
+        step_s.append(tuple(fastest_in_turns(steps, repeats)))
     return TreePolicy(trees, batch_sizes, tuple(step_s), explore_share)
 
 

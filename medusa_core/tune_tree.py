@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from medusa_core.backends import Backend
 from medusa_core.heads import MedusaHeads
-from medusa_core.tree import build_tree_buffers
+from medusa_core.tree import TreeBuffers, build_tree_buffers
 
 
 def greedy_tree(acc: Tensor, num_nodes: int) -> list[list[int]]:
@@ -68,18 +69,31 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
     heads_s = [0.0] + [best_time(lambda: heads.draft(hidden, root, [[]], d, acc.shape[1], backend), repeats)
                        for d in range(1, heads.num_heads + 1)]  # by tree depth: only that many heads run
     trees = [build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1]) for n in range(1, max_nodes + 1)]
-    caches = [backend.prefill([prompt])[1] for _ in trees]
-    verify_s = [float("inf")] * len(trees)
-    for round_ in tqdm(range(1 + repeats), desc="timing verification (rounds over all sizes)", unit="round"):
-        for i, (tree, cache) in enumerate(zip(trees, caches)):
-            tokens = torch.full((1, tree.num_nodes), token, dtype=torch.long)
-            root_only = torch.zeros(1, tree.max_depth + 1, dtype=torch.long)
-            start = time.perf_counter()
-            backend.verify(cache, tokens, tree)
-            backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))  # accept nothing: context grows by 1
-            if round_:  # round 0 warms every size up
-                verify_s[i] = min(verify_s[i], time.perf_counter() - start)
+    passes = [_timed_verify(backend, tree, backend.prefill([prompt])[1], token) for tree in trees]
+    verify_s = fastest_in_turns(passes, repeats, desc="timing verification (rounds over all sizes)")
     return [StepCost(t.num_nodes, v, heads_s[t.max_depth]) for t, v in zip(trees, verify_s)]
+
+
+def _timed_verify(backend: Backend, tree: TreeBuffers, cache, token: int) -> Callable[[], float]:
+    """A call that times one verification pass of `tree` on `cache` (accepting nothing: the context grows by 1)."""
+    tokens = torch.full((1, tree.num_nodes), token, dtype=torch.long)
+    root_only = torch.zeros(1, tree.max_depth + 1, dtype=torch.long)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        backend.verify(cache, tokens, tree)
+        backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))
+        return time.perf_counter() - start
+
+    return one_pass
+
+
+def fastest_in_turns(steps: Sequence[Callable[[], float]], repeats: int, desc: str | None = None) -> list[float]:
+    """Each step's fastest of `repeats` rounds after a warm-up round; within a round the steps take turns, so a drift
+    in the machine's speed touches every one alike. A step returns the seconds it measured (inf if it cannot run)."""
+    rounds = [[step() for step in steps]
+              for _ in tqdm(range(1 + repeats), desc=desc, unit="round", disable=desc is None)]
+    return [min(times) for times in zip(*rounds[1:])]  # round 0 warms every step up
 
 
 def best_time(fn, repeats: int) -> float:
