@@ -50,6 +50,9 @@ class LlamaCppConfig(Strict):
     kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type.")
     flash_attn: bool = Field(True, description="Flash attention: each query row is computed alone, so a tree pass "
                              "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
+    requantize: Literal["F16", "Q8_0"] | None = Field(
+        None, description="Run a copy of gguf_file re-encoded once by llama.cpp's quantizer into cache_dir: F16 holds "
+        "a Q4 file's weights exactly and its CPU matmuls batch tree nodes and rows far better (README).")
 
 
 class BaseModelConfig(Strict):

@@ -23,6 +23,7 @@ import numpy as np
 
 QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+FILE_TYPES = {**QUANT_TYPES, "F16": 1}  # what quantize() may write: F16 re-encodes a quantized file
 OUT_TYPES = ("f32", "f16")
 # pre_tokenizer shapes in tokenizer.json -> llama.cpp's pre-tokenizer name
 KNOWN_PRE = {
@@ -272,8 +273,9 @@ def _add_special(vocab: Vocab, folder: Path, tok_config: dict) -> None:
     vocab.chat_template = template if isinstance(template, str) else None
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
-    """llama.cpp's quantizer on a float GGUF; a progress bar follows its per-tensor log lines."""
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, allow_requantize: bool = False) -> Path:
+    """llama.cpp's quantizer on a float GGUF (or, with allow_requantize, a quantized one: its tensors are
+    dequantized first); a progress bar follows its per-tensor log lines."""
     import ctypes
 
     import llama_cpp as lc
@@ -282,8 +284,9 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     from medusa_core.backends.llamacpp import set_llama_log
 
     params = lc.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[quant]
+    params.ftype = FILE_TYPES[quant]
     params.nthread = threads or 0  # 0: all cores
+    params.allow_requantize = allow_requantize
     bar = tqdm(desc=f"quantizing to {quant}", unit="tensor")
     set_llama_log(lambda text: _quant_progress(text, bar))
     try:

@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = "http://127.0.0.1:8265"
 MODEL = "smollm2-135m-instruct"
+SERVED_CONFIG = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["config"]
 FAST_METRICS = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",

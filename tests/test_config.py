@@ -72,13 +72,16 @@ def test_llamacpp_settings(tmp_path):
     cfg = load_config(write(tmp_path, LLAMACPP))
     s = cfg.base_model.llamacpp
     assert (s.n_ctx, s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (1024, 2, 64, 4, "f32", True)
-    assert s.n_ubatch == 63
+    assert s.n_ubatch == 63 and s.requantize is None
+    assert load_config(write(tmp_path, LLAMACPP.replace("n_seq_max: 4}", "n_seq_max: 4, requantize: F16}"))
+                       ).base_model.llamacpp.requantize == "F16"
 
 
 @pytest.mark.parametrize("change, field", [
     (("n_seq_max: 4}", "n_seq_max: 4, bogus: 1}"), "base_model.llamacpp.bogus"),
     (("n_seq_max: 4}", "n_seq_max: 0}"), "base_model.llamacpp.n_seq_max"),
     (("n_seq_max: 4}", "n_seq_max: 300}"), "base_model.llamacpp.n_seq_max"),
+    (("n_seq_max: 4}", "n_seq_max: 4, requantize: Q2_K}"), "base_model.llamacpp.requantize"),
     (("backend: llamacpp, ", ""), "llamacpp settings need backend: llamacpp"),
     ((", gguf_file: m.gguf", ""), "backend llamacpp needs gguf_file"),
     (("tree: {preset: chain_2}", "tree: {preset: mc_16}"), "leaf paths but base_model.llamacpp.n_seq_max is 4"),

@@ -1,4 +1,5 @@
-"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF: greedy Medusa == plain greedy, both through llama.cpp.
+"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the F16 copy that the served config
+re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp.
 
 Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model).
 A tree pass may reorder float sums against the one-token pass, so a divergence passes only when the reference's
@@ -28,10 +29,15 @@ def gen():
 
     config = load_config(CONFIG)
     # One thread: llama.cpp's spinning thread barrier stalls when the 2-core test machine is oversubscribed.
-    settings = config.base_model.llamacpp.model_copy(update={"n_threads": 1})
+    # The Q4_1 file as shipped (the config serves an F16 copy of it: see the f16 tests below).
+    return load_generator(_test_config(config, n_threads=1, requantize=None))
+
+
+def _test_config(config, **llamacpp):
+    settings = config.base_model.llamacpp.model_copy(update=llamacpp)
     base = config.base_model.model_copy(update={"torch_threads": None, "llamacpp": settings})
     tree = config.tree.model_copy(update={"adaptive": None})  # the configured tree every step
-    return load_generator(config.model_copy(update={"base_model": base, "tree": tree}))
+    return config.model_copy(update={"base_model": base, "tree": tree})
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +201,29 @@ def test_full_cache_reuses_rejected_cells_with_a_warning(gen, small):
     with pytest.warns(UserWarning, match="KV cache full"):
         got, steps = run_decode(small, gen.drafter, tree, [prompt], 48)  # ~9 cells a step fill llama.cpp's 256
     assert len(got[0]) == 48
+
+
+def test_f16_copy_medusa_equals_plain_and_batched_equals_alone(gen):
+    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (same weights), whose batched
+    matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads on mc_8, batched and
+    alone, all equal plain decoding of the same file."""
+    from medusa_core.generator import load_generator
+
+    config = load_config(CONFIG)
+    assert config.base_model.llamacpp.requantize == "F16"
+    f16 = load_generator(_test_config(config, n_threads=1))
+    assert f16.backend.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.F16.gguf"
+    assert f16.backend.vocab_size == gen.backend.vocab_size and f16.encode("Hi") == gen.encode("Hi")
+    prompts = [tuple(f16.encode(p)) for p in PROMPTS]
+    ref, _ = run_decode(f16.backend, None, plain_tree(), prompts, 32, speculate=False)
+    oracle = OracleDrafter(dict(zip(prompts, ref)), 4, f16.backend.vocab_size, None)
+    mc_8 = build_tree_buffers(preset_paths("mc_8"), top_k=10)
+    for name, drafter, tree in [("chain_3/oracle", oracle, build_tree_buffers(preset_paths("chain_3"), 10)),
+                                ("mc_8/shipped heads", f16.drafter, mc_8)]:
+        got, steps = run_decode(f16.backend, drafter, tree, prompts, 32)
+        ties = sum(same_or_near_tie(f16.backend, p, g, r, f"f16 {name}/prompt {i}")
+                   for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
+        print(f"f16 {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
+        assert ties <= 1
+    alone, _ = run_decode(f16.backend, f16.drafter, mc_8, [prompts[2]], 32)
+    same_or_near_tie(f16.backend, prompts[2], alone[0], ref[2], "f16 mc_8 alone/prompt 2")

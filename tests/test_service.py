@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_harness import MODEL, REPO, complete, post
+from serve_harness import MODEL, REPO, SERVED_CONFIG, complete, post
 
 pytestmark = pytest.mark.ray
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit is", "1, 1, 2, 3, 5,",
@@ -23,8 +23,9 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit i
 def test_completion_greedy_equals_cli(server):
     prompt = "The capital of France is"
     body = complete(server, prompt, 24)
-    cli = subprocess.run([sys.executable, "-m", "medusa_core", "generate", "--prompt", prompt, "--max-tokens", "24",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run([sys.executable, "-m", "medusa_core", "generate", "--config", SERVED_CONFIG, "--prompt",
+                          prompt, "--max-tokens", "24", "--json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert cli.returncode == 0, cli.stderr
     want = json.loads(cli.stdout.strip().splitlines()[-1])
     assert body["choices"][0]["text"] == want["text"]
@@ -176,8 +177,11 @@ def test_batch_knobs_apply_live_through_user_config(server):
     assert max(sizes) > 1 and set(server.decoder_pids()) & set(pids)
 
 
-def test_llamacpp_backend_serves_when_the_config_selects_it(server):
-    server.redeploy({}, config="configs/smollm2-135m-llamacpp.yaml")
+def test_transformers_backend_serves_when_the_config_selects_it(server):
+    """The same app on the reference backend (torch), whose Medusa trees pay on this CPU: batched == alone == plain,
+    and with the shipped heads some steps accept more than one token."""
+    assert SERVED_CONFIG != "configs/smollm2-135m.yaml"
+    server.redeploy({}, config="configs/smollm2-135m.yaml")
     try:
         with ThreadPoolExecutor(3) as pool:
             together = list(pool.map(lambda p: complete(server, p, 16), PROMPTS[:3]))
@@ -186,6 +190,8 @@ def test_llamacpp_backend_serves_when_the_config_selects_it(server):
             assert complete(server, prompt, 16)["choices"][0]["text"] == body["choices"][0]["text"]  # == alone
         plain = complete(server, PROMPTS[0], 16, medusa={"mode": "plain"})
         assert plain["choices"][0]["text"] == together[0]["choices"][0]["text"]
+        steps = [complete(server, "1, 2, 3, 4, 5, 6,", 48)["medusa"] for _ in range(3)]  # the policy learns
+        assert max(s["mean_accepted_length"] for s in steps) > 1.0, steps
     finally:
         server.redeploy({})
 

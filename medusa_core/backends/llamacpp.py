@@ -133,7 +133,10 @@ class LlamaCppBackend:
         gguf_path = Path(resolve_source(config.source)) / config.gguf_file
         if not gguf_path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-        tokenizer = load_gguf_tokenizer(gguf_path, resolve_repo_path(config.cache_dir or ".cache/models"))
+        cache_root = resolve_repo_path(config.cache_dir or ".cache/models")
+        tokenizer = load_gguf_tokenizer(gguf_path, cache_root)
+        if config.llamacpp.requantize is not None:
+            gguf_path = requantized(gguf_path, config.llamacpp.requantize, cache_root)
         if config.chat_template is not None:
             tokenizer.chat_template = config.chat_template
         if config.torch_threads:  # the heads' torch threads; 1 avoids contending with llama.cpp's own threads
@@ -294,6 +297,20 @@ def read_output_weight(gguf_path: Path) -> Tensor:
     t = tensors.get("output.weight") or tensors["token_embd.weight"]
     w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy [V, H]
     return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy of the memory-mapped file
+
+
+def requantized(src: Path, file_type: str, cache_root: Path) -> Path:
+    """`src` re-encoded as `file_type` by llama.cpp's quantizer (tensors dequantized first), made once into
+    cache_root/<stem>.<file_type>.gguf (~2 s for the embedded model)."""
+    from medusa_core.convert import quantize
+
+    target = cache_root / f"{src.stem}.{file_type}.gguf"
+    if not target.is_file():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
+        quantize(src, tmp, file_type, allow_requantize=True)
+        os.replace(tmp, target)  # atomic: replicas starting together see a whole file or none
+    return target
 
 
 def load_gguf_tokenizer(gguf_path: Path, cache_root: Path):
