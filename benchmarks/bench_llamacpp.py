@@ -95,8 +95,18 @@ def medusa_row(gen: MedusaGenerator, drafter, label: str, prompts: list[tuple[in
     gen.drafter, start = TimedDrafter(drafter), time.perf_counter()
     tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
     share = gen.drafter.seconds / (time.perf_counter() - start)
-    same = sum(a == b for a, b in zip(ids, plain_ids))
-    return Row(label, batch, tps, per_step, share, f"{same}/{len(ids)}")
+    gaps = [parting_gap(gen, p, a, b) for p, a, b in zip(prompts, ids, plain_ids) if a != b]
+    parted = f" (parted at top-2 logit gaps {', '.join(f'{g:.1e}' for g in gaps)})" if gaps else ""
+    return Row(label, batch, tps, per_step, share, f"{len(ids) - len(gaps)}/{len(ids)}{parted}")
+
+
+def parting_gap(gen: MedusaGenerator, prompt: tuple[int, ...], got: tuple[int, ...], ref: tuple[int, ...]) -> float:
+    """Plain decoding's top-2 logit gap where two outputs part: a near-tie (tiny gap) is float summation order
+    (a tree or batch pass against the one-token pass); a large gap would be a bug."""
+    i = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    fwd, _ = gen.backend.prefill([list(prompt) + list(ref[:i])])
+    top = fwd.logits[0, 0].float().topk(2).values
+    return float(top[0] - top[1])
 
 
 def run_llama_cpp_python(gguf: Path, prompts: list[tuple[int, ...]], n: int, threads: int, n_ctx: int,
@@ -183,11 +193,11 @@ def main() -> None:
     config = load_config(args.config)
     base = config.base_model
     shipped = Path(resolve_source(base.source)) / base.gguf_file  # the peer runs on the config's own file
-    if args.gguf is not None:
+    if args.gguf is not None:  # that file as it is: no re-encoding
         gguf = Path(args.gguf).resolve()
         source = base.source.model_copy(update={"package": None, "path": str(gguf.parent)})
-        base = base.model_copy(update={"source": source, "gguf_file": gguf.name})
-        config = config.model_copy(update={"base_model": base})
+        settings = base.llamacpp.model_copy(update={"requantize": None})
+        base = base.model_copy(update={"source": source, "gguf_file": gguf.name, "llamacpp": settings})
     if args.threads is not None:
         base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update={"n_threads": args.threads})})
     heads_cfg = config.heads
