@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
-    prep = sub.add_parser("prepare", help="load a model config's base model once, so that its converted copy and "
-                          "tokenizer are cached before the first test or replica needs them")
+    prep = sub.add_parser("prepare", help="load a model config once, so that its converted copies, tokenizer and "
+                          "adaptive tree costs are cached before the first test or replica needs them")
     prep.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)], help="model config YAML files")
     conv = sub.add_parser("convert", help="convert a Hugging Face Llama folder to GGUF (and quantize it)")
     conv.add_argument("folder", help="Hugging Face model folder (config.json, safetensors, tokenizer)")
@@ -78,12 +78,13 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def prepare(args: argparse.Namespace) -> None:
-    from medusa_core.backends import load_backend
+    from medusa_core.generator import load_generator
 
     for path in args.config:
         config = load_config(path)
-        backend = load_backend(config.base_model)
-        print(f"{path}: {config.name} ready ({config.base_model.backend}, vocab {backend.vocab_size})")
+        generator = load_generator(config)  # with tree.adaptive: its step costs are timed now, on a quiet machine
+        print(f"{path}: {config.name} ready ({config.base_model.backend}, vocab {generator.backend.vocab_size}"
+              f"{', tree costs timed' if generator.policy is not None else ''})")
 
 
 def convert(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,3 +59,29 @@ def test_prepare_names_a_bad_config():
     r = subprocess.run([sys.executable, "-m", "medusa_core", "prepare", "--config", "configs/nope.yaml"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "config file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prepare_times_the_tree_costs_that_a_replica_reads(tmp_path, monkeypatch):
+    """`prepare` (run by .ci/install, before Ray starts) leaves the adaptive tree's step costs in .cache/medusa, so a
+    replica loading the same config reads them instead of timing steps while Ray starts around it."""
+    from medusa_core import adaptive
+    from medusa_core.config import load_config
+    from medusa_core.generator import load_generator
+
+    text = (REPO / "configs" / "smollm2-135m-llamacpp.yaml").read_text()
+    path = tmp_path / "two-rows.yaml"  # a small calibration: batch sizes 1 and 2
+    path.write_text(text.replace("adaptive: {max_batch: 8}", "adaptive: {max_batch: 2}"))
+    r = subprocess.run([sys.executable, "-m", "medusa_core", "prepare", "--config", str(path)], capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and "tree costs timed" in r.stdout, r.stderr
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the replica timed the steps again")
+
+    monkeypatch.setattr(adaptive, "calibrate", no_timing)
+    threads = torch.get_num_threads()
+    try:
+        policy = load_generator(load_config(path)).policy  # the config's torch_threads: 1, as in a replica
+    finally:
+        torch.set_num_threads(threads)  # the rest of this pytest process keeps its threads
+    assert policy.batch_sizes == (1, 2) and all(s > 0 for row in policy.step_s for s in row)
