@@ -5,7 +5,9 @@ Both sides are measured, not assumed:
 - cost: `calibrate` times one decode step (heads + verification pass + cache update) on the real backend for each
   candidate tree and batch sizes 1, 2, 4, ... (the trees in turns, best of 3 rounds: a replica calibrates while
   Ray is still starting around it); other batch sizes interpolate linearly. The timings (seconds, once
-  per machine and settings) are kept in .cache/medusa/ so that later replica starts skip them.
+  per machine and settings) are kept in .cache/medusa/ so that later replica starts skip them. Then each step the
+  policy runs is timed too (`time_step`) and its tree's cost at that batch size follows those live timings, so a
+  tree that a noisy calibration made look cheap stops being chosen once it has run a few times.
 - gain: with distinct candidates among siblings, greedy acceptance accepts at most one node per depth, so a tree's
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
   nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in
@@ -34,6 +36,7 @@ from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_pat
 from medusa_core.tune_tree import fastest_in_turns
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
+LIVE_WEIGHT = 0.1  # each timed step moves its cost this far towards its own time (~20 steps to follow a change)
 
 
 @dataclass
@@ -45,14 +48,17 @@ class TreePolicy:
     accepted: Counter = field(default_factory=Counter)  # node path -> steps it was accepted
     tried: Counter = field(default_factory=Counter)  # node path -> steps it was in the verified tree
     budget_s: float = 0.0  # step time exploration may still spend
+    live_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tree index) -> timed steps' average
 
     def expected_length(self, tree: TreeBuffers) -> float:
         """Expected tokens per step: 1 + the nodes' measured acceptance rates (0 for a node never tried)."""
         return 1.0 + sum(self.accepted[p] / self.tried[p] for p in tree.paths if self.tried[p])
 
     def cost(self, batch: int, index: int) -> float:
-        """Seconds of one step of trees[index] for `batch` rows: interpolated between calibrated batch sizes,
-        proportional to the rows beyond the largest."""
+        """Seconds of one step of trees[index] for `batch` rows: the live average once such steps ran, else
+        interpolated between calibrated batch sizes, proportional to the rows beyond the largest."""
+        if (live := self.live_s.get((batch, index))) is not None:
+            return live
         xs, ys = self.batch_sizes, [row[index] for row in self.step_s]
         if batch >= xs[-1]:
             return ys[-1] * batch / xs[-1]
@@ -69,6 +75,13 @@ class TreePolicy:
             self.budget_s -= extra
             return self.trees[-1]
         return self.trees[best]
+
+    def time_step(self, batch: int, tree: TreeBuffers, seconds: float) -> None:
+        """Fold one step's measured seconds (heads + verification + cache update) into its tree's cost, starting
+        from the calibrated cost: one slow step (a pause elsewhere) must not bar a tree that is then never re-timed."""
+        index = next(i for i, t in enumerate(self.trees) if t is tree)
+        old = self.cost(batch, index)
+        self.live_s[(batch, index)] = old + LIVE_WEIGHT * (seconds - old)
 
     def observe(self, tree: TreeBuffers, accepted_paths: Sequence[Path]) -> None:
         """Record one step: the tree verified and, per speculating row, the path it accepted (() for none)."""

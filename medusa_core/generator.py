@@ -186,11 +186,16 @@ class DecodeSession:
     def _advance(self) -> list[StepEvent]:
         """One decode step with the configured tree, or the one the adaptive policy picks for this batch size."""
         g, dec = self.generator, self.generator.config.decoding
-        tree = g.tree if g.policy is None else g.policy.choose(len(self.batch.rows))
+        rows = len(self.batch.rows)
+        tree = g.tree if g.policy is None else g.policy.choose(rows)
+        start = time.perf_counter()
         self.batch, events = advance(g.backend, g.drafter, tree, self.batch, dec.typical_epsilon, dec.typical_alpha)
-        if g.policy is not None and tree.num_nodes > 1:
+        seconds = time.perf_counter() - start
+        if g.policy is not None:
             medusa = [e for e in events if self.trackers[e.request].request.mode == "medusa"]
-            g.policy.observe(tree, [e.accepted_path for e in medusa])
+            g.policy.time_step(rows, tree if medusa else g.policy.trees[0], seconds)  # no medusa row: a plain step
+            if tree.num_nodes > 1:
+                g.policy.observe(tree, [e.accepted_path for e in medusa])
         return events
 
     def _delta(self, tr: _Tracker, event: StepEvent) -> TextDelta:

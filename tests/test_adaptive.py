@@ -52,6 +52,22 @@ def test_exploration_spends_its_share_of_time_on_the_whole_tree():
     assert policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2))).choose(1).num_nodes == 1  # share 0: never
 
 
+def test_live_step_times_overrule_a_calibration_that_made_a_tree_look_cheap():
+    # Calibrated (noisily): a 2-node step for 8 rows at 1.1x a plain one. It really takes 2x.
+    p = policy(((1.0, 1.02, 1.06, 1.14), (2.0, 2.2, 5.0, 9.0)))
+    for _ in range(100):  # head 0's top-1 right half the time: 1.5 tokens per step
+        p.observe(p.trees[-1], [(0,)] * 5 + [()] * 5)
+    assert p.choose(8).num_nodes == 2 and p.choose(1).num_nodes == 2
+    for _ in range(20):
+        tree = p.choose(8)
+        p.time_step(8, tree, 4.0 if tree.num_nodes == 2 else 2.1)
+    assert p.choose(8).num_nodes == 1, "the live times show the tree does not pay at batch 8"
+    assert 8 * 1.5 / p.cost(8, 1) < 8 / p.cost(8, 0) and 2.0 < p.cost(8, 0) < 2.1
+    assert p.choose(1).num_nodes == 2, "batch 1 keeps its own costs"
+    p.time_step(1, p.trees[1], 2.02)
+    assert abs(p.cost(1, 1) - 1.12) < 1e-9, "a moving average from the calibrated cost: a slow step moves it a tenth"
+
+
 def test_cost_interpolates_between_batch_sizes_and_scales_beyond():
     p = policy(((1.0,) * 4, (8.0,) * 4))
     assert p.cost(1, 0) == 1.0 and p.cost(8, 0) == 8.0
@@ -70,6 +86,7 @@ def test_adaptive_output_equals_plain(embedded_generator):
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
     assert sum(adaptive.tried.values()) > 0, "exploration steps measured the nodes"
+    assert adaptive.live_s and all(s > 0 for s in adaptive.live_s.values()), "the steps were timed"
 
 
 def test_step_costs_are_measured_once_then_read_back(tiny_backend, tmp_path):
