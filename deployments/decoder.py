@@ -91,27 +91,6 @@ async def next_chunk(job: Job) -> DecodeChunk:
         return timeout_chunk(job)
 
 
-def waiting_chunks(job: Job) -> list[DecodeChunk]:
-    """The chunks already in the job's queue, without waiting."""
-    chunks = []
-    while not job.chunks.empty():
-        chunks.append(job.chunks.get_nowait())
-    return chunks
-
-
-def coalesce(chunks: list[DecodeChunk]) -> list[DecodeChunk]:
-    """Consecutive text chunks as one (text joined, the last one's finish_reason and stats); errors stay apart.
-    A caller that falls behind the decode steps then gets their text in one message instead of one message per
-    step: each message crosses two processes (replica -> ingress -> proxy) on the cores the decoder needs."""
-    out: list[DecodeChunk] = []
-    for c in chunks:
-        if out and out[-1].error is None and out[-1].finish_reason is None and c.error is None:
-            out[-1] = c.model_copy(update={"text": out[-1].text + c.text})
-        else:
-            out.append(c)
-    return out
-
-
 def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
     if job.timed_out and delta.finish_reason == "cancelled":
         return timeout_chunk(job)
@@ -239,10 +218,10 @@ class Decoder:
         try:
             await self.admit(job)
             while True:
-                for chunk in coalesce([await next_chunk(job), *waiting_chunks(job)]):
-                    yield chunk
-                    if chunk.finish_reason is not None or chunk.error is not None:
-                        return
+                chunk = await next_chunk(job)
+                yield chunk
+                if chunk.finish_reason is not None or chunk.error is not None:
+                    return
         finally:
             job.cancelled = True
 

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from deployments import decoder as decoder_module
-from deployments.decoder import Engine, Job, coalesce, waiting_chunks
-from deployments.schemas import DecodeChunk, ErrorInfo
+from deployments.decoder import Engine, Job
 from deployments.metrics import DecoderMetrics
 from medusa_core.generator import MedusaGenerator, TextRequest
 
@@ -110,25 +109,3 @@ def test_stuck_step_fails_health(embedded_generator, metrics, monkeypatch):
     assert before is None
     assert during is not None and "running for" in during
     assert engine.health() is None, "healthy again once the step finished"
-
-
-def test_a_slow_caller_gets_waiting_steps_in_one_chunk(embedded_generator, metrics):
-    """Chunks that queued up while the caller was away arrive joined: the same text, the last step's finish_reason
-    and stats, in fewer messages; an error is never folded into text."""
-    engine = Engine(embedded_generator, metrics)
-    job = Job(requests(embedded_generator, 12)[0], time.time(), time.time() + 300)
-
-    async def run_then_read():
-        engine.submit([job])
-        await engine.task  # the caller reads nothing until the request is done
-        return waiting_chunks(job)
-
-    steps = asyncio.run(run_then_read())
-    joined = coalesce(steps)
-    assert len(steps) > 1 and len(joined) == 1
-    assert joined[0].text == "".join(c.text for c in steps) and joined[0].text
-    assert joined[0].finish_reason == "length" and joined[0].stats == steps[-1].stats
-    error = DecodeChunk(error=ErrorInfo(message="boom", type="server_error"), status=500)
-    a, b = DecodeChunk(text="a"), DecodeChunk(text="b")
-    assert coalesce([a, error, b]) == [a, error, b]
-    assert coalesce([a, b, error]) == [DecodeChunk(text="ab"), error]
