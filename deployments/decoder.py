@@ -35,7 +35,7 @@ class DecoderOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="How long a batch waits to fill up.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="How long a batch waits to fill up.")
     request_timeout_s: float = Field(300, gt=0, description="A request still decoding this long after the ingress "
                                      "received it ends with a 504 error.")
 
@@ -225,7 +225,7 @@ class Decoder:
         finally:
             job.cancelled = True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def admit(self, jobs: list[Job]) -> list[None]:
         """Concurrent arrivals join the running batch together (one prefill for all of them)."""
         self.engine.submit(jobs)
