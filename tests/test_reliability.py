@@ -36,9 +36,13 @@ def is_error_body(r: httpx.Response) -> bool:
 
 
 def test_overload_answers_503_fast_and_admitted_requests_finish(server):
+    # Long enough that admitted requests take several times what the ingress needs to refuse 40 connections on two
+    # cores (~2 s for the last one), so a refusal that waited for decoding would show.
+    n_tokens = 48
+
     def send(i: int) -> tuple[httpx.Response, float]:
         start = time.perf_counter()
-        r = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[i % 4], "max_tokens": 16,
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[i % 4], "max_tokens": n_tokens,
                                              "temperature": 0, "medusa": {"ignore_eos": True}},
                  timeout=CLIENT_TIMEOUT_S)
         return r, time.perf_counter() - start
@@ -59,7 +63,7 @@ def test_overload_answers_503_fast_and_admitted_requests_finish(server):
         if r.status_code == 503:
             assert r.headers["retry-after"] and is_error_body(r) and r.json()["error"]["code"] == "queue_full"
         else:
-            assert r.json()["usage"]["completion_tokens"] == 16
+            assert r.json()["usage"]["completion_tokens"] == n_tokens
 
 
 def test_request_timeout_ends_with_504(server):
