@@ -52,7 +52,7 @@ class LlamaCppConfig(Strict):
                              "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
     requantize: Literal["F16", "Q8_0"] | None = Field(
         None, description="Run a copy of gguf_file re-encoded once by llama.cpp's quantizer into cache_dir: F16 holds "
-        "a Q4 file's weights exactly and its CPU matmuls batch tree nodes and rows far better (README).")
+        "a Q4 file's weights to within F16 rounding and its CPU matmuls batch rows far better (README).")
 
 
 class BaseModelConfig(Strict):
