@@ -204,9 +204,9 @@ def test_full_cache_reuses_rejected_cells_with_a_warning(gen, small):
 
 
 def test_f16_copy_medusa_equals_plain_and_batched_equals_alone(gen):
-    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (its weights rounded to F16), whose batched
-    matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads on mc_8, batched and
-    alone, all equal plain decoding of the same file."""
+    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (its weights rounded to F16), whose
+    batched matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads on mc_8, batched
+    and alone, all equal plain decoding of the same file."""
     from medusa_core.generator import load_generator
 
     config = load_config(CONFIG)
