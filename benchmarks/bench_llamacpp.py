@@ -26,6 +26,7 @@ from tqdm import tqdm
 from medusa_core.adaptive import calibrate
 from medusa_core.backends.hf import resolve_source
 from medusa_core.config import LookupConfig, load_config, resolve_repo_path
+from medusa_core.evaluate import top2_gap
 from medusa_core.generator import MedusaGenerator, TextRequest, load_generator
 from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
@@ -101,12 +102,9 @@ def medusa_row(gen: MedusaGenerator, drafter, label: str, prompts: list[tuple[in
 
 
 def parting_gap(gen: MedusaGenerator, prompt: tuple[int, ...], got: tuple[int, ...], ref: tuple[int, ...]) -> float:
-    """Plain decoding's top-2 logit gap where two outputs part: a near-tie (tiny gap) is float summation order
-    (a tree or batch pass against the one-token pass); a large gap would be a bug."""
+    """Plain decoding's top-2 logit gap (`top2_gap`) where the two outputs part."""
     i = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-    fwd, _ = gen.backend.prefill([list(prompt) + list(ref[:i])])
-    top = fwd.logits[0, 0].float().topk(2).values
-    return float(top[0] - top[1])
+    return top2_gap(gen.backend, list(prompt) + list(ref[:i]))
 
 
 def run_llama_cpp_python(gguf: Path, prompts: list[tuple[int, ...]], n: int, threads: int, n_ctx: int,

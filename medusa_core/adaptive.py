@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +32,7 @@ import torch
 
 from medusa_core.backends import Backend
 from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
-from medusa_core.tune_tree import fastest_in_turns
+from medusa_core.tune_tree import fastest_in_turns, timed_step
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 LIVE_WEIGHT = 0.1  # each timed step moves its cost this far towards its own time (~20 steps to follow a change)
@@ -136,23 +135,7 @@ def calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]], top_k: 
     for b in batch_sizes:
         prompt = [t % backend.vocab_size for t in range(1000, 1000 + context)]  # content does not change the cost
         _, cache = backend.prefill([prompt] * b)  # each timed pass adds one token per row
-        steps = [partial(_step_seconds, backend, drafter, cache, tree, b) for tree in trees]
+        steps = [partial(timed_step, backend, cache, tree, b, drafter) for tree in trees]
         step_s.append(tuple(fastest_in_turns(steps, repeats)))
     return TreePolicy(trees, batch_sizes, tuple(step_s), explore_share)
 
-
-def _step_seconds(backend: Backend, drafter, cache, tree: TreeBuffers, batch: int) -> float:
-    """Seconds of one step (heads + verify + keep) for `batch` rows, accepting the root only; infinite when the
-    backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
-    hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
-    tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)
-    root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
-    start = time.perf_counter()
-    try:
-        if tree.num_nodes > 1:
-            drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.max_depth, tree.top_k, backend)
-        backend.verify(cache, tokens, tree)
-    except ValueError:
-        return float("inf")
-    backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
-    return time.perf_counter() - start

@@ -117,6 +117,16 @@ def benchmark_trees(backend: Backend, trees: dict[str, tuple[Drafter, TreeBuffer
                     outputs[name] == outputs["plain"], len(prompts)) for name, (_, tree) in runs.items()]
 
 
+@torch.inference_mode()
+def top2_gap(backend: Backend, prefix: list[int]) -> float:
+    """The gap between the top-2 next-token logits after `prefix`: where two greedy outputs of one model part at a
+    gap this small (a near-tie), float summation order (a tree or batch pass against the one-token pass) explains it;
+    a large gap would be a bug."""
+    fwd, _ = backend.prefill([list(prefix)])
+    top = fwd.logits[0, 0].float().topk(2).values
+    return float(top[0] - top[1])
+
+
 def format_runs(runs: list[TreeRun]) -> str:
     base = runs[0].tokens_per_second
     lines = [f"{'tree':<24}{'nodes':>6}{'tok/step':>10}{'tok/s':>9}{'speed-up':>10}  same-as-plain"]

@@ -16,6 +16,7 @@ import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -69,23 +70,27 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
     heads_s = [0.0] + [best_time(lambda: heads.draft(hidden, root, [[]], d, acc.shape[1], backend), repeats)
                        for d in range(1, heads.num_heads + 1)]  # by tree depth: only that many heads run
     trees = [build_tree_buffers(greedy_tree(acc, n), top_k=acc.shape[1]) for n in range(1, max_nodes + 1)]
-    passes = [_timed_verify(backend, tree, backend.prefill([prompt])[1], token) for tree in trees]
+    passes = [partial(timed_step, backend, backend.prefill([prompt])[1], tree) for tree in trees]
     verify_s = fastest_in_turns(passes, repeats, desc="timing verification (rounds over all sizes)")
     return [StepCost(t.num_nodes, v, heads_s[t.max_depth]) for t, v in zip(trees, verify_s)]
 
 
-def _timed_verify(backend: Backend, tree: TreeBuffers, cache, token: int) -> Callable[[], float]:
-    """A call that times one verification pass of `tree` on `cache` (accepting nothing: the context grows by 1)."""
-    tokens = torch.full((1, tree.num_nodes), token, dtype=torch.long)
-    root_only = torch.zeros(1, tree.max_depth + 1, dtype=torch.long)
-
-    def one_pass() -> float:
-        start = time.perf_counter()
+def timed_step(backend: Backend, cache, tree: TreeBuffers, batch: int = 1, drafter=None) -> float:
+    """Seconds of one decode step of `tree` for `batch` rows on `cache`: the drafter's heads if one is given, the
+    verification pass and the cache update, accepting the root only (the context grows by 1). Infinite when the
+    backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
+    tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)  # content: same cost
+    root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
+    start = time.perf_counter()
+    try:
+        if drafter is not None and tree.num_nodes > 1:
+            hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
+            drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.max_depth, tree.top_k, backend)
         backend.verify(cache, tokens, tree)
-        backend.keep(cache, root_only, torch.ones(1, dtype=torch.long))
-        return time.perf_counter() - start
-
-    return one_pass
+    except ValueError:
+        return float("inf")
+    backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
+    return time.perf_counter() - start
 
 
 def fastest_in_turns(steps: Sequence[Callable[[], float]], repeats: int, desc: str | None = None) -> list[float]:

@@ -5,6 +5,7 @@ import torch
 from transformers import GenerationConfig
 
 from medusa_core.decode import DecodeRequest, admit, advance, decode, retire
+from medusa_core.evaluate import top2_gap
 
 NEAR_TIE = 1e-3  # top-2 logit gap under which float reordering may legitimately flip an argmax
 
@@ -53,12 +54,6 @@ def hf_generate(model, prompt, max_new_tokens):
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(prompt):].tolist()
-
-
-def top2_gap(backend, prefix) -> float:
-    fwd, _ = backend.prefill([list(prefix)])
-    top = fwd.logits[0, 0].float().topk(2).values
-    return float(top[0] - top[1])
 
 
 def assert_same_or_near_tie(backend, prompt, got, ref, label="") -> int:
