@@ -194,7 +194,12 @@ class Decoder:
         self.options = DecoderOptions()
 
     def reconfigure(self, user_config: dict) -> None:
-        self.options = DecoderOptions.model_validate(user_config)
+        options = DecoderOptions.model_validate(user_config)
+        rows = self.engine.generator.backend.max_rows
+        if rows is not None and options.max_batch_size > rows:
+            raise ValueError(f"user_config.max_batch_size={options.max_batch_size} exceeds the {rows} rows the model "
+                             f"config reserves KV space for (base_model.llamacpp.n_seq_max)")
+        self.options = options
         self.engine.max_rows = self.options.max_batch_size
         self.admit.set_max_batch_size(self.options.max_batch_size)
         self.admit.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)

@@ -12,8 +12,10 @@ Both sides are measured, not assumed:
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
   nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in
   the tree, from the running traffic; any prefix of the configured tree is scored from the same counts.
-A node never tried scores 0, so a fresh policy decodes plainly; to keep every node measured, the whole tree is
-verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree costs
+A fresh policy starts from the heads' offline accuracy (`shipped_prior`, from the evaluation shipped beside the
+heads), counted as PRIOR_STEPS observed steps, so it speculates from the first request where the tree pays; live
+counts outweigh it within a few dozen steps. A node with neither scores 0. To keep every node measured, the whole
+tree is verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree costs
 more at large batches, so it is explored less often there). The choice never changes the output (verification is
 lossless); it only moves the speed.
 """
@@ -35,6 +37,7 @@ from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_pat
 from medusa_core.tune_tree import fastest_in_turns, timed_step
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
+PRIOR_STEPS = 20  # the offline acceptance weighs as much as this many live steps of the node
 LIVE_WEIGHT = 0.1  # each timed step moves its cost this far towards its own time (~20 steps to follow a change)
 
 
@@ -48,10 +51,17 @@ class TreePolicy:
     tried: Counter = field(default_factory=Counter)  # node path -> steps it was in the verified tree
     budget_s: float = 0.0  # step time exploration may still spend
     live_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tree index) -> timed steps' average
+    prior: dict[Path, float] = field(default_factory=dict)  # node path -> acceptance measured offline
+
+    def acceptance(self, path: Path) -> float:
+        """The node's acceptance rate: live counts, with the offline prior as PRIOR_STEPS extra steps."""
+        weight = PRIOR_STEPS if path in self.prior else 0
+        steps = self.tried[path] + weight
+        return (self.accepted[path] + weight * self.prior.get(path, 0.0)) / steps if steps else 0.0
 
     def expected_length(self, tree: TreeBuffers) -> float:
-        """Expected tokens per step: 1 + the nodes' measured acceptance rates (0 for a node never tried)."""
-        return 1.0 + sum(self.accepted[p] / self.tried[p] for p in tree.paths if self.tried[p])
+        """Expected tokens per step: 1 + the nodes' acceptance rates (0 for a node never tried and without prior)."""
+        return 1.0 + sum(self.acceptance(p) for p in tree.paths)
 
     def cost(self, batch: int, index: int) -> float:
         """Seconds of one step of trees[index] for `batch` rows: the live average once such steps ran, else
@@ -89,6 +99,18 @@ class TreePolicy:
         for path in accepted_paths:
             for d in range(1, len(path) + 1):
                 self.accepted[path[:d]] += 1
+
+
+def shipped_prior(accuracy: Sequence[dict], paths: Sequence[Sequence[int]]) -> dict[Path, float]:
+    """Each node's acceptance from the heads' offline accuracy per head ({"top1", "top5"}, head 1 first), with heads
+    taken as independent (as tune_tree does): the product over the path of each rank's accuracy, where rank 0 is
+    top-1, ranks 1-4 share top-5 minus top-1 equally, and deeper ranks count 0. Depths without a head count 0."""
+    def rank_acc(depth: int, rank: int) -> float:
+        if depth >= len(accuracy) or rank > 4:
+            return 0.0
+        a = accuracy[depth]
+        return a["top1"] if rank == 0 else (a["top5"] - a["top1"]) / 4
+    return {tuple(p): float(np.prod([rank_acc(d, r) for d, r in enumerate(p)])) for p in paths}
 
 
 def prefix_trees(paths: Sequence[Sequence[int]], top_k: int) -> tuple[TreeBuffers, ...]:

@@ -38,21 +38,23 @@ class Source(Strict):
 
 
 class LlamaCppConfig(Strict):
-    """llama.cpp context settings (backend: llamacpp). One unified KV cache serves every row of a batch."""
+    """llama.cpp context settings (backend: llamacpp). Each row of a batch has its own KV stream of
+    context_length + 64 cells, so a request that fits the context window never runs out of KV space."""
 
-    n_ctx: int = Field(4096, gt=0, description="KV cells shared by all rows of a batch (prompts + outputs + tree).")
+    n_seq_max: int = Field(8, gt=0, le=64, description="Rows one context holds at once (one KV stream each); the "
+                           "decoder admits no more, so serve_config's max_batch_size must not exceed it.")
     n_threads: int | None = Field(None, gt=0, description="CPU threads for llama_decode; default: all cores.")
-    n_batch: int = Field(512, gt=0, description="Most tokens in one llama_decode; rows x tree nodes must fit.")
+    n_batch: int = Field(512, gt=0, description="Most tokens in one llama_decode; rows x chain nodes must fit.")
     n_ubatch: int = Field(63, gt=0, description="Tokens per llama.cpp compute pass (one llama_decode may run several). "
                           "At 64 and more its CPU matmul changes kernel and the float sums of a tree pass no longer "
                           "equal the sequential pass.")
-    n_seq_max: int = Field(64, gt=0, le=256, description="llama.cpp sequences; B rows with a P-leaf tree use B*P.")
     kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type.")
     flash_attn: bool = Field(True, description="Flash attention: each query row is computed alone, so a tree pass "
                              "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
-    requantize: Literal["F16", "Q8_0"] | None = Field(
-        None, description="Run a copy of gguf_file re-encoded once by llama.cpp's quantizer into cache_dir: F16 holds "
-        "a Q4 file's weights to within F16 rounding and its CPU matmuls batch rows far better (README).")
+    requantize: Literal["F16", "BF16", "Q8_0", "Q4_0"] | None = Field(
+        None, description="Run a copy of gguf_file re-encoded once by llama.cpp's quantizer into cache_dir. F16 and "
+        "BF16 hold a Q4 file's weights to within their rounding and their CPU matmuls batch rows far better; Q4_0 is "
+        "coarser than the shipped Q4_1 (faster, not the same model).")
 
 
 class BaseModelConfig(Strict):
@@ -154,18 +156,16 @@ class GeneratorConfig(Strict):
 
     @model_validator(mode="after")
     def _tree_fits_llamacpp(self) -> GeneratorConfig:
-        """llama.cpp verifies a tree with one sequence per leaf path: reject trees it cannot hold."""
+        """llama.cpp verifies chains (one KV sequence per row): reject branching trees."""
         if self.base_model.backend != "llamacpp":
             return self
         paths = [tuple(p) for p in self.tree.resolved_paths()]
         parents = {p[:-1] for p in paths}
-        leaves = sum(p not in parents for p in paths) or 1
-        settings = self.base_model.llamacpp
-        if leaves > settings.n_seq_max:
-            raise ValueError(f"tree has {leaves} leaf paths but base_model.llamacpp.n_seq_max is "
-                             f"{settings.n_seq_max}: llama.cpp needs one sequence per leaf; use a smaller tree")
-        if len(paths) + 1 > settings.n_batch:
-            raise ValueError(f"tree has {len(paths) + 1} nodes but base_model.llamacpp.n_batch is {settings.n_batch}")
+        if sum(p not in parents for p in paths) > 1:
+            raise ValueError("tree: the llama.cpp backend verifies chains (each node at most one child), e.g. "
+                             "preset chain_2; this tree branches")
+        if len(paths) + 1 > 64:
+            raise ValueError(f"tree has {len(paths) + 1} nodes; the llama.cpp backend keeps room for 64 per row")
         return self
 
 

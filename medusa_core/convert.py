@@ -23,7 +23,7 @@ import numpy as np
 
 QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
-FILE_TYPES = {**QUANT_TYPES, "F16": 1}  # what quantize() may write: F16 re-encodes a quantized file
+FILE_TYPES = {**QUANT_TYPES, "F16": 1, "BF16": 32}  # what quantize() may write: F16/BF16 re-encode a quantized file
 OUT_TYPES = ("f32", "f16")
 # pre_tokenizer shapes in tokenizer.json -> llama.cpp's pre-tokenizer name
 KNOWN_PRE = {

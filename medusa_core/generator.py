@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from medusa_core.adaptive import TreePolicy, load_or_calibrate
+from medusa_core.adaptive import TreePolicy, load_or_calibrate, shipped_prior
 from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
 from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
@@ -27,7 +27,7 @@ from medusa_core.lookup import LookupDrafter
 from medusa_core.sampling import SamplingParams
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
-COST_FORMAT = 4  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
+COST_FORMAT = 5  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
 
 
 class RequestError(ValueError):
@@ -138,15 +138,18 @@ class MedusaGenerator:
 
     def stream(self, requests: list[TextRequest], is_cancelled: Callable[[int], bool] = lambda i: False
                ) -> Iterator[list[TextDelta]]:
-        """Decode all requests together; yield the text each one gained per step. `is_cancelled(i)` stops one."""
-        session = DecodeSession(self, is_cancelled)
-        deltas = session.step(dict(enumerate(requests)))
+        """Decode all requests together (at most backend.max_rows at once, the rest join as rows finish); yield the
+        text each one gained per step. `is_cancelled(i)` stops one."""
+        for r in requests:
+            self.check(r)
+        session, waiting = DecodeSession(self, is_cancelled), dict(enumerate(requests))
         while True:
+            room = len(waiting) if self.backend.max_rows is None else self.backend.max_rows - session.rows
+            deltas = session.step({k: waiting.pop(k) for k in list(waiting)[:room]})
             if deltas:
                 yield deltas
-            if not session.rows:
+            if not session.rows and not waiting:
                 return
-            deltas = session.step()
 
 
 class DecodeSession:
@@ -284,6 +287,14 @@ def _heads_folder(heads: HeadsConfig) -> str:
         ) from e
 
 
+def _shipped_accuracy(heads: HeadsConfig) -> list[dict]:
+    """The heads' offline per-head accuracy from the evaluation.json shipped beside them ([] if none)."""
+    if heads.source is None:
+        return []
+    file = Path(_heads_folder(heads)) / "evaluation.json"
+    return json.loads(file.read_text())["accuracy"]["self"] if file.is_file() else []
+
+
 def _cost_file(config: GeneratorConfig, heads: MedusaHeads) -> Path:
     """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (every parameter's shape
     too: a folder can be retrained with more heads, layers or root conditioning), tree, threads and CPU."""
@@ -305,4 +316,5 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
                                    adaptive.explore_share, _cost_file(config, heads))
+        policy.prior = shipped_prior(_shipped_accuracy(config.heads), paths)
     return MedusaGenerator(config, backend, drafter, tree, policy)

@@ -65,31 +65,32 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 LLAMACPP = GOOD.replace("base_model: {source: {path: somewhere}}",
                         "base_model: {backend: llamacpp, source: {path: somewhere}, gguf_file: m.gguf,\n"
-                        "             llamacpp: {n_ctx: 1024, n_threads: 2, n_batch: 64, n_seq_max: 4}}")
+                        "             llamacpp: {n_threads: 2, n_batch: 64, n_seq_max: 4}}")
 
 
 def test_llamacpp_settings(tmp_path):
     cfg = load_config(write(tmp_path, LLAMACPP))
     s = cfg.base_model.llamacpp
-    assert (s.n_ctx, s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (1024, 2, 64, 4, "f32", True)
+    assert (s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (2, 64, 4, "f32", True)
     assert s.n_ubatch == 63 and s.requantize is None
-    assert load_config(write(tmp_path, LLAMACPP.replace("n_seq_max: 4}", "n_seq_max: 4, requantize: F16}"))
-                       ).base_model.llamacpp.requantize == "F16"
+    for encoding in ("F16", "BF16", "Q8_0", "Q4_0"):
+        text = LLAMACPP.replace("n_seq_max: 4}", f"n_seq_max: 4, requantize: {encoding}}}")
+        assert load_config(write(tmp_path, text)).base_model.llamacpp.requantize == encoding
 
 
 @pytest.mark.parametrize("change, field", [
     (("n_seq_max: 4}", "n_seq_max: 4, bogus: 1}"), "base_model.llamacpp.bogus"),
     (("n_seq_max: 4}", "n_seq_max: 0}"), "base_model.llamacpp.n_seq_max"),
-    (("n_seq_max: 4}", "n_seq_max: 300}"), "base_model.llamacpp.n_seq_max"),
+    (("n_seq_max: 4}", "n_seq_max: 65}"), "base_model.llamacpp.n_seq_max"),
+    (("n_seq_max: 4}", "n_seq_max: 4, n_ctx: 8192}"), "base_model.llamacpp.n_ctx"),
     (("n_seq_max: 4}", "n_seq_max: 4, requantize: Q2_K}"), "base_model.llamacpp.requantize"),
     (("backend: llamacpp, ", ""), "llamacpp settings need backend: llamacpp"),
     ((", gguf_file: m.gguf", ""), "backend llamacpp needs gguf_file"),
-    (("tree: {preset: chain_2}", "tree: {preset: mc_16}"), "leaf paths but base_model.llamacpp.n_seq_max is 4"),
-    (("n_batch: 64", "n_batch: 4"), "nodes but base_model.llamacpp.n_batch is 4"),
+    (("tree: {preset: chain_2}", "tree: {preset: mc_16}"), "verifies chains"),
+    (("tree: {preset: chain_2}", "tree: {paths: [[0], [1]]}"), "verifies chains"),
+    (("tree: {preset: chain_2}", f"tree: {{paths: {[[0] * d for d in range(1, 65)]}}}"), "room for 64"),
 ])
 def test_bad_llamacpp_config(tmp_path, change, field):
     text = LLAMACPP.replace(*change)
-    if "n_batch: 4" in text:
-        text = text.replace("tree: {preset: chain_2}", "tree: {preset: chain_5}")  # 6 nodes, 1 leaf
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(write(tmp_path, text))

@@ -1,9 +1,9 @@
-"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the F16 copy that the served config
-re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp.
+"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the BF16 copy that the served config
+re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp; the KV layout (a stream per row, chains).
 
-Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model).
-A tree pass may reorder float sums against the one-token pass, so a divergence passes only when the reference's
-top-2 logit gap at that token is below equivalence.NEAR_TIE (1e-3); every such case is printed and counted, and the count is bounded.
+Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model;
+tests/test_reference.py compares with llama-cpp-python's own decoding). A divergence passes only when the
+reference's top-2 logit gap at that token is below equivalence.NEAR_TIE (1e-3); such cases are counted and bounded.
 """
 import re
 
@@ -57,9 +57,9 @@ def same_or_near_tie(backend, prompt, got, ref, label) -> int:
 
 @pytest.mark.parametrize("tree_name, heads", [
     ("chain_3", "oracle"),
-    pytest.param("mc_16", "oracle", marks=pytest.mark.slow),
-    pytest.param("mc_8", "oracle_to_depth_1", marks=pytest.mark.slow),
-    pytest.param("mc_4", "random", marks=pytest.mark.slow),
+    pytest.param("chain_4", "oracle", marks=pytest.mark.slow),
+    pytest.param("chain_3", "oracle_to_depth_1", marks=pytest.mark.slow),
+    pytest.param("chain_2", "random", marks=pytest.mark.slow),
 ])
 def test_medusa_equals_plain(gen, plain, tree_name, heads):
     prompts, ref = plain
@@ -92,7 +92,7 @@ def test_batched_equals_alone(gen, plain):
     prompts, ref = plain
     alone, _ = run_decode(gen.backend, None, plain_tree(), [prompts[3]], 32, speculate=False)
     same_or_near_tie(gen.backend, prompts[3], alone[0], ref[3][:32], "plain alone/prompt 3")
-    tree = build_tree_buffers(preset_paths("mc_8"), top_k=10)
+    tree = build_tree_buffers(preset_paths("chain_2"), top_k=10)
     short = [p[:n] for p, n in zip(prompts[:3], (9, 4, 6))]  # uneven lengths
     together, _ = run_decode(gen.backend, gen.drafter, tree, short, 16)
     for p, t in zip(short, together):
@@ -101,39 +101,41 @@ def test_batched_equals_alone(gen, plain):
 
 
 def test_requests_joining_a_running_batch_equal_alone(gen, plain):
-    """Continuous batching: rows that join between steps take free sequences and append cells; outputs unchanged."""
+    """Continuous batching: rows that join between steps take the next streams, rows that finish first move the
+    later rows down a stream; outputs unchanged."""
     prompts, ref = plain
-    tree = build_tree_buffers(preset_paths("mc_8"), top_k=10)
+    tree = build_tree_buffers(preset_paths("chain_3"), top_k=10)
     drafter = OracleDrafter(dict(zip(prompts, ref)), 4, gen.backend.vocab_size, 1)
     got = run_staggered(gen.backend, drafter, tree, prompts[:3], 24, join_at=[0, 2, 5])
     for i, (p, g) in enumerate(zip(prompts[:3], got)):
         same_or_near_tie(gen.backend, p, g, ref[i][:24], f"staggered/prompt {i}")
 
 
-def test_keep_equals_sequential(gen):
-    """After verify + keep, the row's sequences hold exactly the accepted path, and the next logits match."""
+def test_keep_and_select_equal_sequential(gen):
+    """After verify + keep a row's sequence holds exactly its accepted tokens; after a middle row leaves, the row
+    that moved down a stream still continues exactly as a fresh prefill of its tokens."""
     be = gen.backend
-    tree = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], top_k=10)
-    prompts = [[1, 504, 3458, 282, 4649, 314], [19556, 28, 940]]
+    tree = build_tree_buffers(preset_paths("chain_3"), top_k=10)
+    prompts = [[1, 504, 3458, 282, 4649, 314], [19556, 28, 940], [504, 3458, 282]]
     _, cache = be.prefill(prompts)
-    tokens = torch.tensor([[30, 31, 32, 33, 34, 35, 36], [40, 41, 42, 43, 44, 45, 46]])  # [B, T]
+    tokens = torch.tensor([[30, 31, 32, 33], [40, 41, 42, 43], [50, 51, 52, 53]])  # [B, T]
     out = be.verify(cache, tokens, tree)
-    nodes, keep_len = torch.tensor([[0, 1, 3, 6], [0, 2, 5, 0]]), torch.tensor([4, 2])
-    be.keep(cache, nodes, keep_len)
-    assert cache.lens == [10, 5]
-    for b, seqs in enumerate(cache.seqs):
-        for s in seqs:
-            assert be.lc.llama_memory_seq_pos_min(be.mem, s) == 0
-            assert be.lc.llama_memory_seq_pos_max(be.mem, s) == cache.lens[b] - 1
+    keep_len = torch.tensor([4, 2, 3])
+    be.keep(cache, torch.arange(4).expand(3, 4), keep_len)
+    assert cache.lens == [10, 5, 6]
+    for b in range(3):
+        assert be.lc.llama_memory_seq_pos_min(be.mem, b) == 0
+        assert be.lc.llama_memory_seq_pos_max(be.mem, b) == cache.lens[b] - 1
+    cache = be.select(cache, torch.tensor([0, 2]))
+    assert cache.lens == [10, 6] and be.lc.llama_memory_seq_pos_max(be.mem, 2) == -1
     nxt = be.verify(cache, torch.tensor([[7], [8]]), plain_tree())
-    for b in range(2):
-        kept = tokens[b, nodes[b, : keep_len[b]]].tolist()
-        last = nodes[b, keep_len[b] - 1]
+    for i, b in enumerate([0, 2]):
+        kept = tokens[b, : keep_len[b]].tolist()
         ref_fwd, _ = be.prefill([prompts[b] + kept])
-        torch.testing.assert_close(out.logits[b, last], ref_fwd.logits[0, 0], atol=2e-2, rtol=0)
-        ref_next, _ = be.prefill([prompts[b] + kept + [7 + b]])
-        torch.testing.assert_close(nxt.logits[b, 0], ref_next.logits[0, 0], atol=2e-2, rtol=0)
-        torch.testing.assert_close(nxt.hidden[b, 0], ref_next.hidden[0, 0], atol=2e-3, rtol=0)
+        torch.testing.assert_close(out.logits[b, keep_len[b] - 1], ref_fwd.logits[0, 0], atol=2e-2, rtol=0)
+        ref_next, _ = be.prefill([prompts[b] + kept + [7 + i]])
+        torch.testing.assert_close(nxt.logits[i, 0], ref_next.logits[0, 0], atol=2e-2, rtol=0)
+        torch.testing.assert_close(nxt.hidden[i, 0], ref_next.hidden[0, 0], atol=2e-3, rtol=0)
 
 
 def test_hidden_state_feeds_the_heads(gen):
@@ -149,23 +151,24 @@ def test_hidden_state_feeds_the_heads(gen):
     assert bool((theirs[top_ours.indices] >= top_theirs.values[-1] - 0.5).all())
 
 
-def test_stale_cache_and_sequence_limit(gen):
+def test_stale_cache_row_limit_and_branching_tree(gen):
     be = gen.backend
     _, old = be.prefill([[1, 2, 3]])
     be.prefill([[4, 5]])
     with pytest.raises(RuntimeError, match="earlier batch"):
         be.verify(old, torch.tensor([[6]]), plain_tree())
-    big = build_tree_buffers(preset_paths("mc_sim_7b_63"), top_k=10)  # 42 leaves
-    _, cache = be.prefill([[1, 2]] * 4)
     with pytest.raises(ValueError, match="n_seq_max"):
-        be.verify(cache, torch.zeros(4, big.num_nodes, dtype=torch.long), big)
+        be.prefill([[1, 2]] * (be.max_rows + 1))
+    _, cache = be.prefill([[1, 2]] * 2)
+    branching = build_tree_buffers(preset_paths("mc_4"), top_k=10)
+    with pytest.raises(ValueError, match="chains"):
+        be.verify(cache, torch.zeros(2, branching.num_nodes, dtype=torch.long), branching)
 
 
-def test_tree_beyond_sequence_limit_rejected_at_startup(tmp_path):
-    text = CONFIG.read_text().replace("n_seq_max: 128", "n_seq_max: 8")
+def test_branching_tree_rejected_at_startup(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(re.sub(r"preset: \w+", "preset: mc_32", text))
-    with pytest.raises(ConfigError, match="leaf paths but base_model.llamacpp.n_seq_max is 8"):
+    path.write_text(re.sub(r"preset: \w+", "preset: mc_8", CONFIG.read_text()))
+    with pytest.raises(ConfigError, match="verifies chains"):
         load_config(path)
 
 
@@ -180,11 +183,11 @@ def test_generator_text(gen):
 
 @pytest.fixture(scope="module")
 def small(gen):
-    """A second context on the same file: 128 KV cells (llama.cpp pads to 256)."""
+    """A second context on the same file: 2 rows of a 256-token context window."""
     from medusa_core.backends.llamacpp import LlamaCppBackend
 
-    settings = gen.backend.settings.model_copy(update={"n_ctx": 128})
-    return LlamaCppBackend(gen.backend.gguf_path, settings, tokenizer=None)
+    settings = gen.backend.settings.model_copy(update={"n_seq_max": 2})
+    return LlamaCppBackend(gen.backend.gguf_path, settings, tokenizer=gen.tokenizer, context_length=256)
 
 
 def test_lm_head_over_the_first_token_ids(gen):
@@ -195,35 +198,50 @@ def test_lm_head_over_the_first_token_ids(gen):
     torch.testing.assert_close(cut, full[:, :8192])
 
 
-def test_full_cache_reuses_rejected_cells_with_a_warning(gen, small):
-    tree = build_tree_buffers(preset_paths("mc_8"), top_k=10)
-    prompt = tuple(gen.encode("The capital of France is"))
-    with pytest.warns(UserWarning, match="KV cache full"):
-        got, steps = run_decode(small, gen.drafter, tree, [prompt], 48)  # ~9 cells a step fill llama.cpp's 256
-    assert len(got[0]) == 48
+def test_requests_filling_the_context_window_never_run_out_of_kv(gen, small):
+    """Rows that use their whole context window with a deep chain every step (rejected cells and all) finish: a
+    row's stream holds its window plus the chain."""
+    tree = build_tree_buffers(preset_paths("chain_4"), top_k=10)
+    prompts = [tuple(gen.encode(p * 12))[:200] for p in PROMPTS[:2]]
+    got, steps = run_decode(small, gen.drafter, tree, prompts, small.context_length - 200)
+    assert [len(g) for g in got] == [56, 56]
 
 
-def test_f16_copy_medusa_equals_plain_and_batched_equals_alone(gen):
-    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (its weights rounded to F16), whose
-    batched matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads on mc_8, batched
-    and alone, all equal plain decoding of the same file."""
+def test_more_requests_than_rows_wait_for_room(gen, small):
+    """generate() with more requests than the context has rows: the rest join as rows finish (admission, never a
+    KV failure), and each equals the request decoded alone."""
+    from medusa_core.generator import MedusaGenerator, TextRequest
+
+    g = MedusaGenerator(gen.config, small, gen.drafter, build_tree_buffers(preset_paths("chain_2"), top_k=10))
+    requests = [TextRequest(tuple(gen.encode(p)), 8 + 4 * i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    together = g.generate(requests)
+    assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in requests]
+    for i, r in enumerate(requests):
+        alone = g.generate([r])[0]
+        same_or_near_tie(small, r.prompt_ids, list(together[i].token_ids), list(alone.token_ids), f"waited/{i}")
+
+
+def test_bf16_copy_medusa_equals_plain_and_batched_equals_alone(gen):
+    """The served config's file: the shipped Q4_1 re-encoded as BF16 by llama.cpp (its weights to within BF16
+    rounding), whose batched matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads
+    on chain_2, batched and alone, all equal plain decoding of the same file up to bounded near-ties."""
     from medusa_core.generator import load_generator
 
     config = load_config(CONFIG)
-    assert config.base_model.llamacpp.requantize == "F16"
-    f16 = load_generator(_test_config(config, n_threads=1))
-    assert f16.backend.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.F16.gguf"
-    assert f16.backend.vocab_size == gen.backend.vocab_size and f16.encode("Hi") == gen.encode("Hi")
-    prompts = [tuple(f16.encode(p)) for p in PROMPTS]
-    ref, _ = run_decode(f16.backend, None, plain_tree(), prompts, 32, speculate=False)
-    oracle = OracleDrafter(dict(zip(prompts, ref)), 4, f16.backend.vocab_size, None)
-    mc_8 = build_tree_buffers(preset_paths("mc_8"), top_k=10)
+    assert config.base_model.llamacpp.requantize == "BF16"
+    bf16 = load_generator(_test_config(config, n_threads=1))
+    assert bf16.backend.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.BF16.gguf"
+    assert bf16.backend.vocab_size == gen.backend.vocab_size and bf16.encode("Hi") == gen.encode("Hi")
+    prompts = [tuple(bf16.encode(p)) for p in PROMPTS]
+    ref, _ = run_decode(bf16.backend, None, plain_tree(), prompts, 32, speculate=False)
+    oracle = OracleDrafter(dict(zip(prompts, ref)), 4, bf16.backend.vocab_size, None)
+    chain_2 = build_tree_buffers(preset_paths("chain_2"), top_k=10)
     for name, drafter, tree in [("chain_3/oracle", oracle, build_tree_buffers(preset_paths("chain_3"), 10)),
-                                ("mc_8/shipped heads", f16.drafter, mc_8)]:
-        got, steps = run_decode(f16.backend, drafter, tree, prompts, 32)
-        ties = sum(same_or_near_tie(f16.backend, p, g, r, f"f16 {name}/prompt {i}")
+                                ("chain_2/shipped heads", bf16.drafter, chain_2)]:
+        got, steps = run_decode(bf16.backend, drafter, tree, prompts, 32)
+        ties = sum(same_or_near_tie(bf16.backend, p, g, r, f"bf16 {name}/prompt {i}")
                    for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
-        print(f"f16 {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
+        print(f"bf16 {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
         assert ties <= 1
-    alone, _ = run_decode(f16.backend, f16.drafter, mc_8, [prompts[2]], 32)
-    same_or_near_tie(f16.backend, prompts[2], alone[0], ref[2], "f16 mc_8 alone/prompt 2")
+    alone, _ = run_decode(bf16.backend, bf16.drafter, chain_2, [prompts[2]], 32)
+    same_or_near_tie(bf16.backend, prompts[2], alone[0], ref[2], "bf16 chain_2 alone/prompt 2")

@@ -27,6 +27,7 @@ class Backend(Protocol):
     vocab_size: int
     hidden_size: int
     context_length: int
+    max_rows: int | None  # most rows a batch may hold (KV space reserved per row), None: no limit
     eos_token_ids: tuple[int, ...]
     device: torch.device  # where heads should run
     dtype: torch.dtype  # the dtype heads should use

@@ -92,6 +92,7 @@ class HFBackend:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(set(eos)))
+        self.max_rows = None  # the KV cache grows with the batch
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if self.device.type == "cpu":

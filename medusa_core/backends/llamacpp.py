@@ -1,34 +1,29 @@
-"""llama.cpp backend: a GGUF base model through llama-cpp-python's low-level API, a Medusa tree in one llama_decode.
+"""llama.cpp backend: a GGUF base model through llama-cpp-python's low-level API, a Medusa chain in one llama_decode.
 
 The context returns logits and the final-norm hidden state of every output token (`embeddings=True`, no pooling);
 the Medusa heads run in torch on that hidden state, with the output matrix read from the GGUF file.
 
-Tree verification uses llama.cpp's sequences as the tree mask. Each row owns P sequences (P = leaf paths of the
-tree) that all hold the row's accepted tokens. A tree node enters the batch at position len_b + depth and belongs
-to the sequences of every leaf path through it; since a token attends to the cells of its own sequences at earlier
-or equal positions, it sees the prefix and exactly its ancestors. After acceptance the accepted nodes are copied
-into all the row's sequences and every other node is removed (`llama_memory_seq_rm/cp`), so the row again holds
-one path. All rows of a batch go into the same llama_decode.
+KV layout: one llama.cpp sequence per batch row, each in its own KV stream (`kv_unified=False`) of
+`context_length + ROW_SLACK` cells, so a row's attention reads only its own cells and a request that fits the
+context window can never run out of KV space mid-request: the only limit is `n_seq_max` rows, and the decode loop
+admits no more (admission, not failure). A step appends the row's chain of candidates (root first) at positions
+len_b .. len_b + T - 1 and then removes the rejected tail with one `seq_rm`, so a row's cells stay contiguous and in
+position order, exactly as in plain decoding. Branching trees would need one sequence per leaf path sharing prefix
+cells, which only a unified cache allows (every token then scans every row's cells); this backend verifies chains
+(trees with one leaf path), which on a CPU are the trees that pay (benchmarks/README.md).
 
-One batch at a time: a context holds one KV cache, and a `prefill` that starts a batch clears it (a prefill into the
-running batch takes free sequences and appends cells). A cache from an earlier batch then raises instead of reading
-someone else's cells.
+llama.cpp computes one ubatch over consecutive sequence ids only, so rows hold sequences 0..B-1 in batch order; when
+a row leaves, the rows after it move down one stream (a copy of their cells, once per finished request).
 
-Exactness: a row's cells must stay in position order, because attention sums over cells in cell order. So the
-cells of rejected nodes (and of rows that leave the batch) are not freed: they move to a reserved trash sequence
-that nobody attends to, until the next prefill clears the context; freed holes would be refilled by later tokens
-at lower cell indices. The cost is memory: a batch needs n_ctx >= its prompts + outputs + T cells per row per step.
-Two context settings matter as well (measured on
-the SmolLM2 Q4_1 file): flash attention on, so that each query row is computed alone (off, the KQ matmul tiles by
-batch shape), and compute passes (n_ubatch) under 64 tokens, where llama.cpp's CPU matmul switches kernel. With
-the three, a tree pass reproduces the sequential pass bit for bit; without them the tiny float differences pass
-through the 8-bit activation quantization of Q4/Q8 weights and move logits by up to ~2.
+Exactness: flash attention on (each query row alone; off, the KQ matmul tiles by batch shape) and compute passes
+(n_ubatch) under 64 tokens, where llama.cpp's CPU matmul switches kernel. With a Q4 file as shipped a chain pass then
+reproduces the sequential pass bit for bit; F16/BF16 multiply several rows with another kernel than one row, so
+outputs there equal plain decoding up to near-ties (README, "Exactness").
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -72,14 +67,15 @@ def set_llama_log(sink: Callable[[str], None] | None = None) -> None:
 _LOG_CALLBACKS: list = []  # ctypes callbacks handed to llama.cpp must outlive it
 
 
+ROW_SLACK = 64  # KV cells per row beyond the context window: the chain of the last step (<= 64 nodes)
+
+
 @dataclass
 class LlamaCache:
-    """Which llama.cpp sequences hold each row, and how many tokens each row has accepted (KV lives in the context)."""
+    """Row b's KV is llama.cpp sequence b (its own stream); lens[b] accepted tokens are in it."""
 
     epoch: int  # the prefill that made this cache; a later prefill invalidates it
-    seqs: list[list[int]]  # per row: its sequence ids, all holding the row's accepted tokens
-    lens: list[int]  # per row: accepted tokens in the KV cache
-    tree: TreeBuffers | None = None  # the tree of the last verify, until keep()
+    lens: list[int]
 
 
 class LlamaCppBackend:
@@ -90,38 +86,39 @@ class LlamaCppBackend:
             set_llama_log()
         self.lc, self.settings, self.tokenizer, self.gguf_path = lc, settings, tokenizer, gguf_path
         lc.llama_backend_init()
-        mparams = lc.llama_model_default_params()
-        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), lc.llama_model_default_params())
         if not self.model:
             raise FileNotFoundError(f"llama.cpp could not load {gguf_path}")
-        self.ctx = lc.llama_init_from_model(self.model, self._context_params(settings))
+        n_train = lc.llama_model_n_ctx_train(self.model)
+        self.context_length = min(context_length or n_train, n_train)
+        self.row_cells = -(-(self.context_length + ROW_SLACK) // 256) * 256  # llama.cpp pads a stream to 256 cells
+        self.max_rows = settings.n_seq_max
+        self.ctx = lc.llama_init_from_model(self.model, self._context_params(settings, self.row_cells))
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context with {settings}")
         self.mem = lc.llama_get_memory(self.ctx)
-        self.batch = lc.llama_batch_init(settings.n_batch, 0, settings.n_seq_max)
+        self.batch = lc.llama_batch_init(settings.n_batch, 0, 1)
         vocab = lc.llama_model_get_vocab(self.model)
         self.vocab_size = lc.llama_vocab_n_tokens(vocab)
         self.hidden_size = lc.llama_model_n_embd(self.model)
-        n_train = lc.llama_model_n_ctx_train(self.model)
-        self.context_length = min(context_length or n_train, n_train, settings.n_ctx)
         eos = {lc.llama_vocab_eos(vocab), lc.llama_vocab_eot(vocab)}
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(t for t in eos if t >= 0))
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.epoch = 0
-        self.trash_seq = settings.n_seq_max - 1  # holds cells that no row may reuse until the next prefill
 
     @staticmethod
-    def _context_params(s: LlamaCppConfig):
+    def _context_params(s: LlamaCppConfig, row_cells: int):
         import llama_cpp as lc
 
         p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = s.n_ctx, s.n_batch, min(s.n_ubatch, s.n_batch), s.n_seq_max
+        p.n_seq_max, p.n_ctx = s.n_seq_max, s.n_seq_max * row_cells
+        p.n_batch, p.n_ubatch = s.n_batch, min(s.n_ubatch, s.n_batch)
         p.n_threads = p.n_threads_batch = s.n_threads or os.cpu_count() or 1
         p.embeddings = True  # hidden states for the heads, together with the logits
         p.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
-        p.kv_unified = True  # tree sequences share the prefix cells of their row
+        p.kv_unified = False  # a KV stream per row: attention reads only the row's own cells
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.type_k = p.type_v = GGML_TYPE[s.kv_type]
         return p
@@ -169,117 +166,75 @@ class LlamaCppBackend:
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: LlamaCache | None = None
                 ) -> tuple[Forward, LlamaCache]:
-        B = len(prompts)
         if cache is None:  # a new batch: the context starts empty
             self.lc.llama_memory_clear(self.mem, False)
             self.epoch += 1
-            cache = LlamaCache(self.epoch, [], [])
+            cache = LlamaCache(self.epoch, [])
         self._check(cache)
-        used = {s for seqs in cache.seqs for s in seqs}
-        free = [s for s in range(self.trash_seq) if s not in used]
-        if B > len(free):
-            raise ValueError(f"{B} more requests need more than base_model.llamacpp.n_seq_max="
-                             f"{self.settings.n_seq_max} sequences ({len(free)} free, one reserved)")
-        seq = free[:B]
-        cache = LlamaCache(cache.epoch, cache.seqs + [[s] for s in seq], cache.lens + [len(p) for p in prompts])
+        first = len(cache.lens)
+        if first + len(prompts) > self.max_rows:
+            raise ValueError(f"{first} + {len(prompts)} rows exceed base_model.llamacpp.n_seq_max={self.max_rows}")
+        if (longest := max(len(p) for p in prompts)) > self.context_length:
+            raise ValueError(f"a prompt of {longest} tokens exceeds the context window of {self.context_length}")
         # All but each prompt's last token: no outputs, so no lm_head over the prompt.
-        body = [(list(p[:-1]), seq[b]) for b, p in enumerate(prompts)]
+        body = [(t, pos, first + b) for b, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
         self.lc.llama_set_embeddings(self.ctx, False)
-        entries = [(t, pos, (b,)) for toks, b in body for pos, t in enumerate(toks)]
-        for start in range(0, len(entries), self.settings.n_batch):
-            self._decode(entries[start : start + self.settings.n_batch], outputs=False)
+        for start in range(0, len(body), self.settings.n_batch):
+            self._decode(body[start : start + self.settings.n_batch], outputs=False)
         self.lc.llama_set_embeddings(self.ctx, True)
-        logits, hidden = self._decode([(p[-1], len(p) - 1, (seq[b],)) for b, p in enumerate(prompts)], outputs=True)
+        logits, hidden = self._decode([(p[-1], len(p) - 1, first + b) for b, p in enumerate(prompts)], outputs=True)
+        cache = LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
         return Forward(logits[:, None], hidden[:, None]), cache  # [B, 1, V], [B, 1, H]
 
     def verify(self, cache: LlamaCache, tokens: Tensor, tree: TreeBuffers) -> Forward:
         self._check(cache)
+        if tree.leaf_nodes.shape[0] != 1:
+            raise ValueError("the llama.cpp backend verifies chains (trees with one leaf path) only")
         B, T = tokens.shape
-        P = tree.leaf_nodes.shape[0]
-        self._grow_seqs(cache, P)
-        # [P, T] leaf path p passes through node t (a sum: padding repeats node 0 with valid=False)
-        on_path = torch.zeros(P, T, dtype=torch.long).scatter_add_(1, tree.leaf_nodes.cpu(),
-                                                                   tree.leaf_valid.long().cpu()) > 0
-        node_leaves = [on_path[:, t].nonzero().flatten().tolist() for t in range(T)]
-        depth = tree.depth.tolist()
-        toks = tokens.tolist()
-        entries = [(toks[b][t], cache.lens[b] + depth[t], tuple(cache.seqs[b][p] for p in node_leaves[t]))
-                   for b in range(B) for t in range(T)]  # row-major: nodes sorted by depth within a row
-        if len(entries) > self.settings.n_batch:
+        if B * T > self.settings.n_batch:
             raise ValueError(f"{B} rows x {T} tree nodes exceed base_model.llamacpp.n_batch={self.settings.n_batch}")
+        if T > ROW_SLACK:
+            raise ValueError(f"a chain of {T} nodes exceeds the {ROW_SLACK} KV cells a row keeps for it")
+        toks = tokens.tolist()
+        entries = [(toks[b][t], cache.lens[b] + t, b) for b in range(B) for t in range(T)]  # a chain: depth t = node t
         logits, hidden = self._decode(entries, outputs=True)
-        cache.tree = tree
         return Forward(logits.view(B, T, -1), hidden.view(B, T, -1))
 
     def keep(self, cache: LlamaCache, nodes: Tensor, keep_len: Tensor) -> None:
+        """A chain keeps nodes 0..n-1, the front of what verify appended: drop the rest of the row's cells."""
         self._check(cache)
-        assert cache.tree is not None, "keep() must follow verify()"
-        leaf_nodes, leaf_valid = cache.tree.leaf_nodes.cpu(), cache.tree.leaf_valid.cpu()
-        rm, cp = self.lc.llama_memory_seq_rm, self.lc.llama_memory_seq_cp
         for b, n in enumerate(keep_len.tolist()):
-            last = int(nodes[b, n - 1])
-            # Any leaf path through the last kept node holds the whole kept path.
-            leaf = int(((leaf_nodes[:, n - 1] == last) & leaf_valid[:, n - 1]).nonzero()[0])
-            src, start = cache.seqs[b][leaf], cache.lens[b]
-            for s in cache.seqs[b]:
-                cp(self.mem, s, self.trash_seq, start + 1, -1)  # rejected nodes' cells stay taken (see module doc)
-                if s != src:
-                    rm(self.mem, s, start, -1)
-            rm(self.mem, src, start + n, -1)
-            for s in cache.seqs[b]:
-                if s != src:
-                    cp(self.mem, src, s, start, start + n)
+            self.lc.llama_memory_seq_rm(self.mem, b, cache.lens[b] + n, -1)
             cache.lens[b] += n
-        cache.tree = None
 
     def select(self, cache: LlamaCache, rows: Tensor) -> LlamaCache:
+        """Keep these rows; the kept rows move down to sequences 0..len(rows)-1 (rows ascend, so a stream is read
+        before it is overwritten; llama.cpp copies the cells at the next decode, in this order)."""
         self._check(cache)
         kept = rows.tolist()
-        for b in set(range(len(cache.seqs))) - set(kept):
-            self.lc.llama_memory_seq_cp(self.mem, cache.seqs[b][0], self.trash_seq, -1, -1)
-            for s in cache.seqs[b]:
-                self.lc.llama_memory_seq_rm(self.mem, s, -1, -1)
-        return LlamaCache(cache.epoch, [cache.seqs[b] for b in kept], [cache.lens[b] for b in kept])
+        assert kept == sorted(kept), "select() keeps rows in batch order"
+        rm, cp = self.lc.llama_memory_seq_rm, self.lc.llama_memory_seq_cp
+        for b in sorted(set(range(len(cache.lens))) - set(kept)):
+            rm(self.mem, b, -1, -1)
+        for i, b in enumerate(kept):
+            if b != i:
+                cp(self.mem, b, i, -1, -1)
+                rm(self.mem, b, -1, -1)
+        return LlamaCache(cache.epoch, [cache.lens[b] for b in kept])
 
     def _check(self, cache: LlamaCache) -> None:
         if cache.epoch != self.epoch:
             raise RuntimeError("this llama.cpp cache belongs to an earlier batch: a newer prefill cleared the context")
 
-    def _grow_seqs(self, cache: LlamaCache, P: int) -> None:
-        """Give every row at least P sequences, each a copy of the row's accepted tokens."""
-        used = {s for seqs in cache.seqs for s in seqs}
-        free = [s for s in range(self.trash_seq) if s not in used]
-        need = sum(max(0, P - len(seqs)) for seqs in cache.seqs)
-        if need > len(free):
-            raise ValueError(f"{len(cache.seqs)} rows x {P} tree leaves need more than base_model.llamacpp."
-                             f"n_seq_max={self.settings.n_seq_max} sequences; use a smaller tree or batch")
-        for seqs in cache.seqs:
-            while len(seqs) < P:
-                s = free.pop(0)
-                self.lc.llama_memory_seq_cp(self.mem, seqs[0], s, -1, -1)
-                seqs.append(s)
-
-    def _decode(self, entries: list[tuple[int, int, tuple[int, ...]]], outputs: bool) -> tuple[Tensor, Tensor]:
-        """One llama_decode of (token, position, sequence ids) entries -> logits [N, V], hidden [N, H] if outputs."""
+    def _decode(self, entries: list[tuple[int, int, int]], outputs: bool) -> tuple[Tensor, Tensor]:
+        """One llama_decode of (token, position, sequence id) entries -> logits [N, V], hidden [N, H] if outputs."""
         batch, n = self.batch, len(entries)
-        for i, (tok, pos, seqs) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, len(seqs), int(outputs)
-            row = batch.seq_id[i]
-            for j, s in enumerate(seqs):
-                row[j] = s
+        for i, (tok, pos, seq) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, outputs
+            batch.seq_id[i][0] = seq
         batch.n_tokens = n
         rc = self.lc.llama_decode(self.ctx, batch)
-        if rc == 1 and self.lc.llama_memory_seq_pos_max(self.mem, self.trash_seq) >= 0:
-            # Out of cells: give the rejected nodes' cells back. Later tokens may then sit at lower cell indices
-            # than earlier ones, so this batch's outputs are equal to plain decoding only up to near-ties.
-            warnings.warn(f"llama.cpp KV cache full (n_ctx={self.settings.n_ctx}): reusing rejected tree cells; "
-                          f"raise base_model.llamacpp.n_ctx to keep Medusa == plain decoding bit for bit")
-            self.lc.llama_memory_seq_rm(self.mem, self.trash_seq, -1, -1)
-            rc = self.lc.llama_decode(self.ctx, batch)
-        if rc == 1:
-            raise RuntimeError(f"llama.cpp KV cache full: base_model.llamacpp.n_ctx={self.settings.n_ctx} cells "
-                               f"cannot hold this batch's prompts, outputs and tree")
-        if rc != 0:
+        if rc != 0:  # rows fit their streams by construction: any failure is a bug or a broken context
             raise RuntimeError(f"llama_decode failed with status {rc}")
         if not outputs:
             return torch.empty(0), torch.empty(0)
