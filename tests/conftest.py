@@ -7,7 +7,8 @@ import pytest
 import torch
 from medusa_core.oracle import OracleDrafter  # noqa: F401  (tests import it from here)
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray token auth on, as users run it (the venv sets it too, .ci/install); a test of the disabled mode says so.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 torch.set_num_threads(2)
 
 PROMPTS = [

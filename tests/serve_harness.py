@@ -1,7 +1,9 @@
 """Start the real Ray Serve app with `serve run` on a copy of serve_config.yaml, and talk to it over HTTP.
 
 The copy changes only what a test needs (port, autoscaling delays, queue bounds); everything else is the shipped
-file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling is observable in a test.
+file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling is observable in a test. Ray runs with
+token authentication on, as users run it (the venv's defaults, .ci/install): the dashboard's REST API gets the token
+header, `serve deploy` finds the token itself.
 """
 from __future__ import annotations
 
@@ -22,11 +24,28 @@ DASHBOARD = "http://127.0.0.1:8265"
 MODEL = "smollm2-135m-instruct"
 SERVED_CONFIG = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["config"]
 FAST_METRICS = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+
+
+def ray_token() -> str:
+    """The Ray auth token where Ray looks for it: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names (the venv
+    points it at .cache/ray/auth_token), else ~/.ray/auth_token."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.is_file() or not (token := path.read_text().strip()):
+        raise RuntimeError(f"no Ray auth token in {path}: run `bash .ci/install`")
+    return token
+
+
+def dashboard_get(path: str) -> httpx.Response:
+    """GET the dashboard's REST API with the token, as its clients must (`Authorization: Bearer <token>`)."""
+    r = httpx.get(f"{DASHBOARD}{path}", headers={"Authorization": f"Bearer {ray_token()}"}, timeout=10)
+    r.raise_for_status()
+    return r
 
 
 def serve_config(port: int, decoder: dict | None = None, config: str | None = None) -> dict:
@@ -67,7 +86,7 @@ class Server:
         time.sleep(2)  # let the controller pick the new config up before reading its status
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            app = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]["medusa"]
+            app = dashboard_get("/api/serve/applications/").json()["applications"]["medusa"]
             if app["status"] == "RUNNING" and app["deployments"]["Decoder"]["status"] == "HEALTHY":
                 return
             time.sleep(0.5)
@@ -85,7 +104,7 @@ class Server:
 
     def decoder_replicas(self) -> dict[str, int]:
         """Replica count per state of the Decoder deployment, from the dashboard's Serve API."""
-        apps = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]
+        apps = dashboard_get("/api/serve/applications/").json()["applications"]
         replicas = apps["medusa"]["deployments"]["Decoder"]["replicas"]
         states: dict[str, int] = {}
         for r in replicas:
@@ -93,7 +112,7 @@ class Server:
         return states
 
     def decoder_pids(self) -> list[int]:
-        apps = httpx.get(f"{DASHBOARD}/api/serve/applications/", timeout=10).json()["applications"]
+        apps = dashboard_get("/api/serve/applications/").json()["applications"]
         return [r["pid"] for r in apps["medusa"]["deployments"]["Decoder"]["replicas"] if r["state"] == "RUNNING"]
 
     def wait_for_replicas(self, want: dict[str, int], timeout_s: float = 120) -> dict[str, int]:

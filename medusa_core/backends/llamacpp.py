@@ -176,13 +176,17 @@ class LlamaCppBackend:
             raise ValueError(f"{first} + {len(prompts)} rows exceed base_model.llamacpp.n_seq_max={self.max_rows}")
         if (longest := max(len(p) for p in prompts)) > self.context_length:
             raise ValueError(f"a prompt of {longest} tokens exceeds the context window of {self.context_length}")
-        # All but each prompt's last token: no outputs, so no lm_head over the prompt.
-        body = [(t, pos, first + b) for b, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
+        # All but each prompt's last token, without outputs (no lm_head over the prompt); one row at a time, so that
+        # its compute passes are cut as when it is decoded alone (their shape moves the float sums).
         self.lc.llama_set_embeddings(self.ctx, False)
-        for start in range(0, len(body), self.settings.n_batch):
-            self._decode(body[start : start + self.settings.n_batch], outputs=False)
+        for b, p in enumerate(prompts):
+            body = [(t, pos, first + b) for pos, t in enumerate(p[:-1])]
+            for start in range(0, len(body), self.settings.n_batch):
+                self._decode(body[start : start + self.settings.n_batch], outputs=False)
         self.lc.llama_set_embeddings(self.ctx, True)
         logits, hidden = self._decode([(p[-1], len(p) - 1, first + b) for b, p in enumerate(prompts)], outputs=True)
+        for b, p in enumerate(prompts):
+            self.lc.llama_memory_seq_rm(self.mem, first + b, len(p), -1)  # a padding cell, if _decode added one
         cache = LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
         return Forward(logits[:, None], hidden[:, None]), cache  # [B, 1, V], [B, 1, H]
 
@@ -227,12 +231,19 @@ class LlamaCppBackend:
             raise RuntimeError("this llama.cpp cache belongs to an earlier batch: a newer prefill cleared the context")
 
     def _decode(self, entries: list[tuple[int, int, int]], outputs: bool) -> tuple[Tensor, Tensor]:
-        """One llama_decode of (token, position, sequence id) entries -> logits [N, V], hidden [N, H] if outputs."""
+        """One llama_decode of (token, position, sequence id) entries -> logits [N, V], hidden [N, H] if outputs.
+
+        llama.cpp multiplies one row with another kernel than two or more (whose results do not depend on the row
+        count): a lone output token gets a padding token after it (a later position, so nobody attends to it; its output is
+        dropped and the caller removes its cell), so that a row's logits are the same alone, batched or in a chain."""
         batch, n = self.batch, len(entries)
+        if n == 1 and outputs:
+            tok, pos, seq = entries[0]
+            entries = [entries[0], (tok, pos + 1, seq)]
         for i, (tok, pos, seq) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, outputs
             batch.seq_id[i][0] = seq
-        batch.n_tokens = n
+        batch.n_tokens = len(entries)
         rc = self.lc.llama_decode(self.ctx, batch)
         if rc != 0:  # rows fit their streams by construction: any failure is a bug or a broken context
             raise RuntimeError(f"llama_decode failed with status {rc}")
