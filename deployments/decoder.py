@@ -40,6 +40,15 @@ class DecoderOptions(BaseModel):
                                      "received it ends with a 504 error.")
 
 
+def checked_options(user_config: dict, max_rows: int | None) -> DecoderOptions:
+    """The validated user_config; a batch larger than the rows the backend holds KV space for is a config error."""
+    options = DecoderOptions.model_validate(user_config)
+    if max_rows is not None and options.max_batch_size > max_rows:
+        raise ValueError(f"user_config.max_batch_size={options.max_batch_size} exceeds the {max_rows} rows the model "
+                         f"config reserves KV space for (base_model.llamacpp.n_seq_max)")
+    return options
+
+
 @dataclass
 class Job:
     """One request in the replica. `cancelled` is written by the caller's task and read by the decode thread."""
@@ -194,12 +203,7 @@ class Decoder:
         self.options = DecoderOptions()
 
     def reconfigure(self, user_config: dict) -> None:
-        options = DecoderOptions.model_validate(user_config)
-        rows = self.engine.generator.backend.max_rows
-        if rows is not None and options.max_batch_size > rows:
-            raise ValueError(f"user_config.max_batch_size={options.max_batch_size} exceeds the {rows} rows the model "
-                             f"config reserves KV space for (base_model.llamacpp.n_seq_max)")
-        self.options = options
+        self.options = checked_options(user_config, self.engine.generator.backend.max_rows)
         self.engine.max_rows = self.options.max_batch_size
         self.admit.set_max_batch_size(self.options.max_batch_size)
         self.admit.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)

@@ -108,6 +108,35 @@ def test_concurrent_requests_are_batched_and_equal_alone(server):
         assert alone["choices"][0]["text"] == b["choices"][0]["text"], prompt
 
 
+def test_long_requests_never_fail_for_kv_space(server):
+    """8 requests of ~900 prompt tokens and 1,000 new tokens at once on the served default: each row has its own KV
+    stream of the context window, so all of them end 200 with every token (before: HTTP 500, KV cache full)."""
+    def long_request(i: int) -> dict:
+        prompt = f"Story {i}. " + "The old lighthouse keeper climbed the stairs again. " * 90  # ~900 tokens
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 1000, "temperature": 0,
+                "medusa": {"ignore_eos": True}}
+        r = post(server, "/v1/completions", body, timeout=900)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(long_request, range(8)))
+    assert all(b["usage"]["completion_tokens"] == 1000 for b in bodies), [b["usage"] for b in bodies]
+    assert min(b["usage"]["prompt_tokens"] for b in bodies) > 800
+    assert max(b["medusa"]["batch_size"] for b in bodies) > 1
+
+
+def test_batch_size_beyond_the_reserved_rows_is_a_config_error():
+    """user_config.max_batch_size above the rows the llama.cpp context reserves KV space for is refused at
+    reconfigure, naming both settings (a replica would otherwise hold requests it has no KV space for)."""
+    from deployments.decoder import DecoderOptions, checked_options
+
+    assert checked_options({"max_batch_size": 8}, 8) == DecoderOptions(max_batch_size=8)
+    assert checked_options({"max_batch_size": 64}, None).max_batch_size == 64  # transformers: no fixed rows
+    with pytest.raises(ValueError, match=r"max_batch_size=16 .*n_seq_max"):
+        checked_options({"max_batch_size": 16}, 8)
+
+
 M = MODEL.encode()
 BAD = [
     ("/v1/completions", b"{not json", 400, None),
