@@ -1,7 +1,7 @@
 """Medusa on llama.cpp vs plain decoding vs llama-cpp-python's own greedy `create_completion`, side by side.
 
     python benchmarks/bench_llamacpp.py [--config configs/smollm2-135m-llamacpp.yaml] [--gguf FILE]
-        [--trees chain_2 mc_8 mc_16] [--lookup] [--adaptive mc_16] [--batch-sizes 1 4 8] [--max-tokens 128]
+        [--trees chain_1 chain_2 chain_3] [--lookup] [--adaptive mc_16] [--batch-sizes 1 4 8] [--max-tokens 128]
         [--prompts 8]
 
 One run, the same chat prompts and token budget for every row, greedy, EOS ignored. It prints:
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from medusa_core.adaptive import calibrate
+from medusa_core.adaptive import calibrate, shipped_prior
 from medusa_core.backends.hf import resolve_source
 from medusa_core.config import LookupConfig, load_config, resolve_repo_path
 from medusa_core.evaluate import top2_gap
-from medusa_core.generator import MedusaGenerator, TextRequest, load_generator
+from medusa_core.generator import MedusaGenerator, TextRequest, load_generator, shipped_accuracy
 from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
@@ -44,6 +44,7 @@ class Row:
     tokens_per_s: float
     tokens_per_step: float | None = None
     heads_share: float | None = None
+    python_share: float | None = None  # everything but the heads and llama_decode
     same_as_plain: str = ""
 
 
@@ -93,12 +94,14 @@ def medusa_row(gen: MedusaGenerator, drafter, label: str, prompts: list[tuple[in
                plain_ids: list[tuple[int, ...]]) -> Row:
     """Decode with `drafter` and the generator's tree (and policy): tokens/s, tokens per step, the heads' share of
     the time, and how many outputs equal plain decoding's."""
-    gen.drafter, start = TimedDrafter(drafter), time.perf_counter()
+    gen.drafter, decode_s, start = TimedDrafter(drafter), gen.backend.decode_s, time.perf_counter()
     tps, per_step, ids = run_ours(gen, prompts, batch, "medusa", n)
-    share = gen.drafter.seconds / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    share, decode_share = gen.drafter.seconds / wall, (gen.backend.decode_s - decode_s) / wall
     gaps = [parting_gap(gen, p, a, b) for p, a, b in zip(prompts, ids, plain_ids) if a != b]
     parted = f" (parted at top-2 logit gaps {', '.join(f'{g:.1e}' for g in gaps)})" if gaps else ""
-    return Row(label, batch, tps, per_step, share, f"{len(ids) - len(gaps)}/{len(ids)}{parted}")
+    return Row(label, batch, tps, per_step, share, python_share=1 - share - decode_share,
+               same_as_plain=f"{len(ids) - len(gaps)}/{len(ids)}{parted}")
 
 
 def parting_gap(gen: MedusaGenerator, prompt: tuple[int, ...], got: tuple[int, ...], ref: tuple[int, ...]) -> float:
@@ -140,13 +143,13 @@ def cost_curve(gen: MedusaGenerator, sizes: list[int], prefix: int = 200, repeat
 
 def table(rows: list[Row], plain: dict[int, float], peer: float) -> str:
     lines = ["| decoder | batch | tokens/s | vs plain (same batch) | vs create_completion (shipped file) | "
-             "tokens/step | heads share | output == plain |", "|---|---|---|---|---|---|---|---|"]
+             "tokens/step | heads share | other Python share | output == plain |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda x, f: "" if x is None else f.format(x)  # noqa: E731
         lines.append(f"| {r.decoder} | {r.batch} | {r.tokens_per_s:.1f} | "
                      f"{fmt(r.tokens_per_s / plain[r.batch] if r.batch in plain else None, '{:.2f}x')} | "
                      f"{r.tokens_per_s / peer:.2f}x | {fmt(r.tokens_per_step, '{:.2f}')} | "
-                     f"{fmt(r.heads_share, '{:.0%}')} | {r.same_as_plain} |")
+                     f"{fmt(r.heads_share, '{:.0%}')} | {fmt(r.python_share, '{:.0%}')} | {r.same_as_plain} |")
     return "\n".join(lines)
 
 
@@ -173,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/smollm2-135m-llamacpp.yaml")
     ap.add_argument("--gguf", default=None, help="another GGUF file of the same model (e.g. an F16 or Q8_0 copy)")
-    ap.add_argument("--trees", nargs="+", default=["chain_2", "mc_8", "mc_16"])
+    ap.add_argument("--trees", nargs="+", default=["chain_1", "chain_2", "chain_3"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
@@ -213,6 +216,7 @@ def main() -> None:
     policy = None
     if args.adaptive is not None:
         policy = calibrate(gen.backend, heads, preset_paths(args.adaptive), config.tree.top_k, max(args.batch_sizes))
+        policy.prior = shipped_prior(shipped_accuracy(config.heads), preset_paths(args.adaptive))
     curve = cost_curve(gen, [1, 2, 4, 8, 16, 32, 64])
     print("ms per llama_decode of N tokens (200-token prefix): "
           + ", ".join(f"N={k}: {v:.1f}" for k, v in curve.items()))

@@ -287,7 +287,7 @@ def _heads_folder(heads: HeadsConfig) -> str:
         ) from e
 
 
-def _shipped_accuracy(heads: HeadsConfig) -> list[dict]:
+def shipped_accuracy(heads: HeadsConfig) -> list[dict]:
     """The heads' offline per-head accuracy from the evaluation.json shipped beside them ([] if none)."""
     if heads.source is None:
         return []
@@ -316,5 +316,5 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
                                    adaptive.explore_share, _cost_file(config, heads))
-        policy.prior = shipped_prior(_shipped_accuracy(config.heads), paths)
+        policy.prior = shipped_prior(shipped_accuracy(config.heads), paths)
     return MedusaGenerator(config, backend, drafter, tree, policy)

@@ -50,8 +50,10 @@ def embedded_generator():
 
 def pytest_collection_modifyitems(items):
     """Run the tests that use the Ray Serve app last: its cluster lives until the session ends, so nothing else
-    shares the two cores with it."""
-    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+    shares the two cores with it. Ray tests that start and stop a cluster of their own (test_security.py) go before
+    it: `.ci/serve` ends with `ray stop`, which stops every Ray cluster on the machine."""
+    items.sort(key=lambda item: (item.get_closest_marker("ray") is not None,
+                                 "server" in getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the BF16 copy that the served config
+"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the F16 copy that the served config
 re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp; the KV layout (a stream per row, chains).
 
 Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model;
@@ -221,27 +221,28 @@ def test_more_requests_than_rows_wait_for_room(gen, small):
         same_or_near_tie(small, r.prompt_ids, list(together[i].token_ids), list(alone.token_ids), f"waited/{i}")
 
 
-def test_bf16_copy_medusa_equals_plain_and_batched_equals_alone(gen):
-    """The served config's file: the shipped Q4_1 re-encoded as BF16 by llama.cpp (its weights to within BF16
-    rounding), whose batched matmuls take other kernels than the one-token pass; oracle chain_3 and the shipped heads
-    on chain_2, batched and alone, all equal plain decoding of the same file up to bounded near-ties."""
+def test_served_copy_medusa_equals_plain_and_batched_equals_alone(gen):
+    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (its weights rounded to F16), whose
+    matmuls of two or more rows take another kernel than one row; oracle chain_3 and the shipped heads on chain_2,
+    batched and alone, all equal plain decoding of the same file up to bounded near-ties."""
     from medusa_core.generator import load_generator
 
     config = load_config(CONFIG)
-    assert config.base_model.llamacpp.requantize == "BF16"
-    bf16 = load_generator(_test_config(config, n_threads=1))
-    assert bf16.backend.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.BF16.gguf"
-    assert bf16.backend.vocab_size == gen.backend.vocab_size and bf16.encode("Hi") == gen.encode("Hi")
-    prompts = [tuple(bf16.encode(p)) for p in PROMPTS]
-    ref, _ = run_decode(bf16.backend, None, plain_tree(), prompts, 32, speculate=False)
-    oracle = OracleDrafter(dict(zip(prompts, ref)), 4, bf16.backend.vocab_size, None)
+    assert config.base_model.llamacpp.requantize == "F16"
+    served = load_generator(_test_config(config, n_threads=1))
+    encoding = config.base_model.llamacpp.requantize
+    assert served.backend.gguf_path.name == f"SmolLM2-135M-Instruct.Q4_1.{encoding}.gguf"
+    assert served.backend.vocab_size == gen.backend.vocab_size and served.encode("Hi") == gen.encode("Hi")
+    prompts = [tuple(served.encode(p)) for p in PROMPTS]
+    ref, _ = run_decode(served.backend, None, plain_tree(), prompts, 32, speculate=False)
+    oracle = OracleDrafter(dict(zip(prompts, ref)), 4, served.backend.vocab_size, None)
     chain_2 = build_tree_buffers(preset_paths("chain_2"), top_k=10)
     for name, drafter, tree in [("chain_3/oracle", oracle, build_tree_buffers(preset_paths("chain_3"), 10)),
-                                ("chain_2/shipped heads", bf16.drafter, chain_2)]:
-        got, steps = run_decode(bf16.backend, drafter, tree, prompts, 32)
-        ties = sum(same_or_near_tie(bf16.backend, p, g, r, f"bf16 {name}/prompt {i}")
+                                ("chain_2/shipped heads", served.drafter, chain_2)]:
+        got, steps = run_decode(served.backend, drafter, tree, prompts, 32)
+        ties = sum(same_or_near_tie(served.backend, p, g, r, f"served {name}/prompt {i}")
                    for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
-        print(f"bf16 {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
+        print(f"served {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
         assert ties <= 1
-    alone, _ = run_decode(bf16.backend, bf16.drafter, chain_2, [prompts[2]], 32)
-    same_or_near_tie(bf16.backend, prompts[2], alone[0], ref[2], "bf16 chain_2 alone/prompt 2")
+    alone, _ = run_decode(served.backend, served.drafter, chain_2, [prompts[2]], 32)
+    same_or_near_tie(served.backend, prompts[2], alone[0], ref[2], "served chain_2 alone/prompt 2")

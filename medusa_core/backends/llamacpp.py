@@ -17,13 +17,15 @@ a row leaves, the rows after it move down one stream (a copy of their cells, onc
 
 Exactness: flash attention on (each query row alone; off, the KQ matmul tiles by batch shape) and compute passes
 (n_ubatch) under 64 tokens, where llama.cpp's CPU matmul switches kernel. With a Q4 file as shipped a chain pass then
-reproduces the sequential pass bit for bit; F16/BF16 multiply several rows with another kernel than one row, so
-outputs there equal plain decoding up to near-ties (README, "Exactness").
+reproduces the sequential pass bit for bit. F16/BF16 weights take llama.cpp's tinyBLAS kernel for two or more rows
+and its dot product for one: results of two or more rows do not depend on how many, but differ from one row's in the
+last bits (BF16 more than F16), so a one-row step and a chain or batch step can part at a near-tie (README).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -107,6 +109,7 @@ class LlamaCppBackend:
         self.eos_token_ids = tuple(sorted(t for t in eos if t >= 0))
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.epoch = 0
+        self.decode_s = 0.0  # seconds spent inside llama_decode so far (benchmarks: our overhead beside it)
 
     @staticmethod
     def _context_params(s: LlamaCppConfig, row_cells: int):
@@ -185,8 +188,6 @@ class LlamaCppBackend:
                 self._decode(body[start : start + self.settings.n_batch], outputs=False)
         self.lc.llama_set_embeddings(self.ctx, True)
         logits, hidden = self._decode([(p[-1], len(p) - 1, first + b) for b, p in enumerate(prompts)], outputs=True)
-        for b, p in enumerate(prompts):
-            self.lc.llama_memory_seq_rm(self.mem, first + b, len(p), -1)  # a padding cell, if _decode added one
         cache = LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
         return Forward(logits[:, None], hidden[:, None]), cache  # [B, 1, V], [B, 1, H]
 
@@ -231,20 +232,15 @@ class LlamaCppBackend:
             raise RuntimeError("this llama.cpp cache belongs to an earlier batch: a newer prefill cleared the context")
 
     def _decode(self, entries: list[tuple[int, int, int]], outputs: bool) -> tuple[Tensor, Tensor]:
-        """One llama_decode of (token, position, sequence id) entries -> logits [N, V], hidden [N, H] if outputs.
-
-        llama.cpp multiplies one row with another kernel than two or more (whose results do not depend on the row
-        count): a lone output token gets a padding token after it (a later position, so nobody attends to it; its output is
-        dropped and the caller removes its cell), so that a row's logits are the same alone, batched or in a chain."""
+        """One llama_decode of (token, position, sequence id) entries -> logits [N, V], hidden [N, H] if outputs."""
         batch, n = self.batch, len(entries)
-        if n == 1 and outputs:
-            tok, pos, seq = entries[0]
-            entries = [entries[0], (tok, pos + 1, seq)]
         for i, (tok, pos, seq) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, outputs
             batch.seq_id[i][0] = seq
-        batch.n_tokens = len(entries)
+        batch.n_tokens = n
+        start = time.perf_counter()
         rc = self.lc.llama_decode(self.ctx, batch)
+        self.decode_s += time.perf_counter() - start
         if rc != 0:  # rows fit their streams by construction: any failure is a bug or a broken context
             raise RuntimeError(f"llama_decode failed with status {rc}")
         if not outputs:
