@@ -1,6 +1,6 @@
 """The adaptive tree: which prefix of the tree it picks from measured cost and acceptance, and that the choice never
 changes greedy output (embedded model, shipped heads, adaptive policy calibrated on the real backend)."""
-from medusa_core.adaptive import TreePolicy, calibrate, prefix_trees
+from medusa_core.adaptive import PRIOR_STEPS, TreePolicy, calibrate, prefix_trees, shipped_prior
 from medusa_core.generator import MedusaGenerator, TextRequest
 from medusa_core.tree_presets import preset_paths
 
@@ -27,6 +27,23 @@ def test_prefixes_are_trees_smallest_first():
 def test_untried_heads_mean_plain_decoding():
     p = policy(((1.0, 1.1, 1.3, 1.7), (2.0, 2.6, 3.8, 6.2)))
     assert p.choose(1).num_nodes == 1
+
+
+def test_shipped_accuracy_speculates_from_the_first_step_and_live_counts_take_over():
+    """A fresh policy with the heads' offline accuracy picks the tree where it pays (before: plain decoding until
+    exploration had measured every node); live acceptance then outweighs the prior."""
+    accuracy = [{"top1": 0.8, "top5": 0.9}, {"top1": 0.5, "top5": 0.7}, {"top1": 0.3, "top5": 0.5}]
+    prior = shipped_prior(accuracy, PATHS)
+    assert prior[(0,)] == 0.8 and abs(prior[(1,)] - 0.1 / 4) < 1e-9 and abs(prior[(0, 0, 0)] - 0.12) < 1e-9
+    assert shipped_prior([], PATHS) == {tuple(p): 0.0 for p in PATHS}
+    p = policy(((1.0, 1.02, 1.06, 1.14), (2.0, 3.0, 5.0, 9.0)))
+    assert p.choose(1).num_nodes == 1  # no prior: plain
+    p.prior = prior
+    assert p.choose(1).num_nodes > 1
+    full = p.trees[-1]
+    for _ in range(50 * PRIOR_STEPS):  # the heads turn out useless on this traffic
+        p.observe(full, [()])
+    assert p.acceptance((0,)) < 0.02 and p.choose(1).num_nodes == 1
 
 
 def test_good_heads_pick_a_tree_and_bigger_batches_shrink_it():
