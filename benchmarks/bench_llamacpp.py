@@ -32,9 +32,8 @@ from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
-           "Describe the water cycle.", "Write a poem about autumn.", "What makes a good friend?",
-           "Explain photosynthesis to a child.", "Describe your ideal city.", "How do computers store numbers?"]
+from load import PROMPTS  # benchmarks/load.py: one list of chat prompts for every benchmark
+
 
 
 @dataclass(frozen=True)

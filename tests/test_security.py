@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_harness import REPO, ray_token
+from serve_harness import REPO
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
@@ -51,6 +51,13 @@ GRPC_METHODS = [
 def fresh_env() -> dict[str, str]:
     """This environment without RAY_* variables (pytest's conftest sets some): what a new shell has."""
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+
+def service_token() -> str:
+    """The token the service runs with: what `ray get-auth-token` prints in the same bare environment."""
+    out = subprocess.run([str(BIN / "ray"), "get-auth-token"], cwd=REPO, env=fresh_env(), capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.strip()
 
 
 def port_taken(port: int) -> bool:
@@ -193,7 +200,7 @@ def test_no_listener_beyond_loopback_answers_without_the_token(way, tmp_path):
         assert not open_, "listening beyond loopback without asking for a token:\n" + "\n".join(open_)
 
         # Token auth is on, on loopback too: no token, no dashboard, Jobs API, Serve REST API or GCS.
-        token = ray_token()
+        token = service_token()
         auth = {"Authorization": f"Bearer {token}"}
         assert httpx.get(f"{DASHBOARD}/api/version", timeout=10).status_code == 401
         assert httpx.get(f"{DASHBOARD}/api/version", headers=auth, timeout=10).status_code == 200
