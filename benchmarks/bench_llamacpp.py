@@ -142,7 +142,7 @@ def cost_curve(gen: MedusaGenerator, sizes: list[int], prefix: int = 200, repeat
 
 def table(rows: list[Row], plain: dict[int, float], peer: float) -> str:
     lines = ["| decoder | batch | tokens/s | vs plain (same batch) | vs create_completion (shipped file) | "
-             "tokens/step | heads share | other Python share | output == plain |", "|---|---|---|---|---|---|---|---|---|"]
+             "tokens/step | heads share | other Python share | output == plain |", "|---" * 9 + "|"]
     for r in rows:
         fmt = lambda x, f: "" if x is None else f.format(x)  # noqa: E731
         lines.append(f"| {r.decoder} | {r.batch} | {r.tokens_per_s:.1f} | "

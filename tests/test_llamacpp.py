@@ -1,4 +1,4 @@
-"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the F16 copy that the served config
+"""The llama.cpp backend on the embedded SmolLM2 Q4_1 GGUF as shipped, and on the Q8_0 copy that the served config
 re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp; the KV layout (a stream per row, chains).
 
 Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model;
@@ -222,13 +222,13 @@ def test_more_requests_than_rows_wait_for_room(gen, small):
 
 
 def test_served_copy_medusa_equals_plain_and_batched_equals_alone(gen):
-    """The served config's file: the shipped Q4_1 re-encoded as F16 by llama.cpp (its weights rounded to F16), whose
-    matmuls of two or more rows take another kernel than one row; oracle chain_3 and the shipped heads on chain_2,
-    batched and alone, all equal plain decoding of the same file up to bounded near-ties."""
+    """The served config's file: the shipped Q4_1 re-encoded as Q8_0 by llama.cpp, whose matmuls of two or more rows
+    take another kernel than one row; oracle chain_3 and the shipped heads on chain_2, batched and alone, all equal
+    plain decoding of the same file up to bounded near-ties."""
     from medusa_core.generator import load_generator
 
     config = load_config(CONFIG)
-    assert config.base_model.llamacpp.requantize == "F16"
+    assert config.base_model.llamacpp.requantize == "Q8_0"
     served = load_generator(_test_config(config, n_threads=1))
     encoding = config.base_model.llamacpp.requantize
     assert served.backend.gguf_path.name == f"SmolLM2-135M-Instruct.Q4_1.{encoding}.gguf"

@@ -17,9 +17,9 @@ a row leaves, the rows after it move down one stream (a copy of their cells, onc
 
 Exactness: flash attention on (each query row alone; off, the KQ matmul tiles by batch shape) and compute passes
 (n_ubatch) under 64 tokens, where llama.cpp's CPU matmul switches kernel. With a Q4 file as shipped a chain pass then
-reproduces the sequential pass bit for bit. F16/BF16 weights take llama.cpp's tinyBLAS kernel for two or more rows
-and its dot product for one: results of two or more rows do not depend on how many, but differ from one row's in the
-last bits (BF16 more than F16), so a one-row step and a chain or batch step can part at a near-tie (README).
+reproduces the sequential pass bit for bit. Q8_0/F16/BF16 weights take llama.cpp's tinyBLAS kernel for two or more
+rows and its dot product for one: results of two or more rows do not depend on how many, but differ from one row's in
+the last bits (BF16 most), so a one-row step and a chain or batch step can part at a near-tie (README).
 """
 from __future__ import annotations
 
