@@ -62,38 +62,38 @@ def ours(backend, cache, batch: int, nodes: int) -> float:
     return seconds
 
 
+def hf_step(backend, cache, batch: int, nodes: int) -> float:
+    return timed_step(backend, cache, chain(nodes), batch)  # the context grows by one per step: negligible here
+
+
+def sweep(backend, name: str, args, timers) -> list[dict]:
+    """Time `timers` (ours, then raw where there is one) for every context, batch size and chain length, in turns."""
+    rows = []
+    for context in (args.context, args.context + args.long):
+        for batch in args.batch_sizes:
+            prompt = [(TOKEN + i) % backend.vocab_size for i in range(context)]
+            _, cache = backend.prefill([prompt] * batch)
+            steps = [partial(fn, backend, cache, batch, n) for n in args.nodes for fn in timers]
+            times = iter(fastest_in_turns(steps, args.repeats, desc=f"{name} B={batch} context={context}"))
+            for n in args.nodes:
+                ms = [1000 * next(times) for _ in timers] + [None]
+                rows.append({"backend": name, "context": context, "batch": batch, "nodes": n, "ours_ms": ms[0],
+                             "raw_ms": ms[1]})
+    return rows
+
+
 def measure_llamacpp(config, encoding: str, args) -> list[dict]:
     requantize = None if encoding == "Q4_1" else encoding
     settings = config.base_model.llamacpp.model_copy(update={"requantize": requantize,
                                                              "n_seq_max": max(args.batch_sizes)})
     backend = load_backend(config.base_model.model_copy(update={"llamacpp": settings}))
-    rows = []
-    for context in (args.context, args.context + args.long):
-        for batch in args.batch_sizes:
-            prompt = [(TOKEN + i) % backend.vocab_size for i in range(context)]
-            _, cache = backend.prefill([prompt] * batch)
-            steps = [partial(fn, backend, cache, batch, n) for n in args.nodes for fn in (ours, raw_decode)]
-            times = fastest_in_turns(steps, args.repeats, desc=f"{encoding} B={batch} context={context}")
-            for i, n in enumerate(args.nodes):
-                rows.append({"backend": f"llama.cpp {encoding}", "context": context, "batch": batch, "nodes": n,
-                             "ours_ms": 1000 * times[2 * i], "raw_ms": 1000 * times[2 * i + 1]})
-    del backend
-    return rows
+    return sweep(backend, f"llama.cpp {encoding}", args, (ours, raw_decode))
 
 
 def measure_hf(config_path: str, dtype: str, args) -> list[dict]:
     config = load_config(resolve_repo_path(config_path))
     backend = load_backend(config.base_model.model_copy(update={"dtype": dtype}))
-    rows = []
-    for context in (args.context, args.context + args.long):
-        for batch in args.batch_sizes:
-            prompt = [(TOKEN + i) % backend.vocab_size for i in range(context)]
-            _, cache = backend.prefill([prompt] * batch)
-            steps = [partial(timed_step, backend, cache, chain(n), batch) for n in args.nodes]
-            times = fastest_in_turns(steps, args.repeats, desc=f"hf {dtype} B={batch} context={context}")
-            rows += [{"backend": f"transformers {dtype}", "context": context, "batch": batch, "nodes": n,
-                      "ours_ms": 1000 * t, "raw_ms": None} for n, t in zip(args.nodes, times)]
-    return rows
+    return sweep(backend, f"transformers {dtype}", args, (hf_step,))
 
 
 def table(rows: list[dict], nodes: list[int]) -> str:
