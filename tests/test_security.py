@@ -167,6 +167,9 @@ def stop(proc: subprocess.Popen, procs: set[psutil.Process]) -> None:
             p.kill()
         except psutil.Error:
             pass
+    # As .ci/serve's trap does: `ray stop` also removes /tmp/ray/ray_current_cluster, which a plain `serve run`
+    # would otherwise follow to the cluster that is gone, retrying forever.
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=fresh_env(), capture_output=True, timeout=120)
 
 
 @pytest.mark.parametrize("way", list(WAYS))
