@@ -15,8 +15,8 @@ Both sides are measured, not assumed:
 A fresh policy starts from the heads' offline accuracy (`shipped_prior`, from the evaluation shipped beside the
 heads), counted as PRIOR_STEPS observed steps, so it speculates from the first request where the tree pays; live
 counts outweigh it within a few dozen steps. A node with neither scores 0. To keep every node measured, the whole
-tree is verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree costs
-more at large batches, so it is explored less often there). The choice never changes the output (verification is
+tree is verified now and then, spending at most `explore_share` of the decoding time on it (a step of the whole tree
+costs more at large batches, so it is explored less often there). The choice never changes the output (verification is
 lossless); it only moves the speed.
 """
 from __future__ import annotations
