@@ -5,7 +5,7 @@
         [--prompts 8]
 
 One run, the same chat prompts and token budget for every row, greedy, EOS ignored. It prints:
-- the cost curve: ms per llama_decode of N tokens after a 200-token prefix (what a tree of N nodes costs);
+- the cost curve: ms per step (verify + keep) of a chain of N nodes after a 200-token prefix;
 - tokens/s per decoder: llama-cpp-python `Llama.create_completion` (temperature 0) and, when given
   `--prompt-lookup`, its `LlamaPromptLookupDecoding`; plain and Medusa (one row per tree) through our backend,
   at every batch size (and with `--adaptive`, the adaptive tree); with the Medusa/plain ratio, tokens per step,
@@ -18,6 +18,7 @@ import argparse
 import itertools
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,9 +32,10 @@ from medusa_core.generator import MedusaGenerator, TextRequest, load_generator, 
 from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
+from medusa_core.tune_tree import fastest_in_turns
 
+from cost_curve import ours  # benchmarks/cost_curve.py: our step, the context restored after it
 from load import PROMPTS  # benchmarks/load.py: one list of chat prompts for every benchmark
-
 
 
 @dataclass(frozen=True)
@@ -126,18 +128,11 @@ def run_llama_cpp_python(gguf: Path, prompts: list[tuple[int, ...]], n: int, thr
 
 
 def cost_curve(gen: MedusaGenerator, sizes: list[int], prefix: int = 200, repeats: int = 5) -> dict[int, float]:
-    """ms for one verify (one llama_decode) of N tree nodes after a `prefix`-token prompt."""
-    be, out = gen.backend, {}
-    for n in sizes:
-        tree = build_tree_buffers([[0] * d for d in range(1, n)], top_k=1)  # a chain of n nodes
-        times = []
-        for _ in range(repeats):
-            _, cache = be.prefill([list(range(1000, 1000 + prefix))])
-            start = time.perf_counter()
-            be.verify(cache, torch.arange(2000, 2000 + n)[None], tree)
-            times.append(time.perf_counter() - start)
-        out[n] = 1000 * sorted(times)[len(times) // 2]
-    return out
+    """ms for one step (verify + keep, cost_curve.ours) of a chain of N nodes after a `prefix`-token prompt, best of
+    `repeats` after a warm-up."""
+    _, cache = gen.backend.prefill([list(range(1000, 1000 + prefix))])
+    steps = [partial(ours, gen.backend, cache, 1, n) for n in sizes]
+    return {n: 1000 * t for n, t in zip(sizes, fastest_in_turns(steps, repeats))}
 
 
 def table(rows: list[Row], plain: dict[int, float], peer: float) -> str:
@@ -217,7 +212,7 @@ def main() -> None:
         policy = calibrate(gen.backend, heads, preset_paths(args.adaptive), config.tree.top_k, max(args.batch_sizes))
         policy.prior = shipped_prior(shipped_accuracy(config.heads), preset_paths(args.adaptive))
     curve = cost_curve(gen, [1, 2, 4, 8, 16, 32, 64])
-    print("ms per llama_decode of N tokens (200-token prefix): "
+    print("ms per step (verify + keep) of a chain of N nodes (200-token prefix): "
           + ", ".join(f"N={k}: {v:.1f}" for k, v in curve.items()))
 
     rows: list[Row] = []

@@ -37,9 +37,12 @@ class Source(Strict):
         return self
 
 
+MAX_CHAIN_NODES = 64  # llama.cpp backend: KV cells each row keeps beyond its context window, for a step's chain
+
+
 class LlamaCppConfig(Strict):
     """llama.cpp context settings (backend: llamacpp). Each row of a batch has its own KV stream of
-    context_length + 64 cells, so a request that fits the context window never runs out of KV space."""
+    context_length + MAX_CHAIN_NODES cells, so a request that fits the context window never runs out of KV space."""
 
     n_seq_max: int = Field(8, gt=0, le=64, description="Rows one context holds at once (one KV stream each); the "
                            "decoder admits no more, so serve_config's max_batch_size must not exceed it.")
@@ -164,8 +167,9 @@ class GeneratorConfig(Strict):
         if sum(p not in parents for p in paths) > 1:
             raise ValueError("tree: the llama.cpp backend verifies chains (each node at most one child), e.g. "
                              "preset chain_2; this tree branches")
-        if len(paths) + 1 > 64:
-            raise ValueError(f"tree has {len(paths) + 1} nodes; the llama.cpp backend keeps room for 64 per row")
+        if len(paths) + 1 > MAX_CHAIN_NODES:
+            raise ValueError(f"tree has {len(paths) + 1} nodes; the llama.cpp backend keeps room for "
+                             f"{MAX_CHAIN_NODES} per row")
         return self
 
 

@@ -143,15 +143,25 @@ def start_server(cfg: dict, workdir: Path, timeout_s: float = 300) -> Server:
     process = subprocess.Popen([str(serve), "run", str(path)], cwd=REPO, env={**os.environ, **FAST_METRICS},
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{cfg['http_options']['port']}", process, log, cfg)
+    try:
+        wait_healthy(process, log, server.url, timeout_s)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def wait_healthy(process: subprocess.Popen, log: Path, url: str, timeout_s: float) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError with the log's tail if the process exits first or time
+    runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"serve run exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
-                return server
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")

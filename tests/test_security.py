@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_harness import REPO
+from serve_harness import REPO, wait_healthy
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
@@ -64,20 +64,6 @@ def port_taken(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{API}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
 def service_processes(root: psutil.Process, since: float) -> set[psutil.Process]:
@@ -183,7 +169,7 @@ def test_no_listener_beyond_loopback_answers_without_the_token(way, tmp_path):
                             stdin=subprocess.DEVNULL, start_new_session=True)
     procs: set[psutil.Process] = set()
     try:
-        wait_healthy(proc, log, timeout_s)
+        wait_healthy(proc, log, API, timeout_s)
         procs = service_processes(psutil.Process(proc.pid), since)
         sockets = listening(procs)
         names = {c.pid: p.name() for p in procs for c in sockets if c.pid == p.pid}

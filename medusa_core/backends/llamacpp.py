@@ -4,7 +4,7 @@ The context returns logits and the final-norm hidden state of every output token
 the Medusa heads run in torch on that hidden state, with the output matrix read from the GGUF file.
 
 KV layout: one llama.cpp sequence per batch row, each in its own KV stream (`kv_unified=False`) of
-`context_length + ROW_SLACK` cells, so a row's attention reads only its own cells and a request that fits the
+`context_length + MAX_CHAIN_NODES` cells, so a row's attention reads only its own cells and a request that fits the
 context window can never run out of KV space mid-request: the only limit is `n_seq_max` rows, and the decode loop
 admits no more (admission, not failure). A step appends the row's chain of candidates (root first) at positions
 len_b .. len_b + T - 1 and then removes the rejected tail with one `seq_rm`, so a row's cells stay contiguous and in
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from medusa_core.backends import Forward
 from medusa_core.backends.kernels import rows_linear
-from medusa_core.config import BaseModelConfig, LlamaCppConfig, resolve_repo_path
+from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig, resolve_repo_path
 from medusa_core.tree import TreeBuffers
 
 GGML_TYPE = {"f32": 0, "f16": 1}
@@ -69,9 +69,6 @@ def set_llama_log(sink: Callable[[str], None] | None = None) -> None:
 _LOG_CALLBACKS: list = []  # ctypes callbacks handed to llama.cpp must outlive it
 
 
-ROW_SLACK = 64  # KV cells per row beyond the context window: the chain of the last step (<= 64 nodes)
-
-
 @dataclass
 class LlamaCache:
     """Row b's KV is llama.cpp sequence b (its own stream); lens[b] accepted tokens are in it."""
@@ -93,7 +90,8 @@ class LlamaCppBackend:
             raise FileNotFoundError(f"llama.cpp could not load {gguf_path}")
         n_train = lc.llama_model_n_ctx_train(self.model)
         self.context_length = min(context_length or n_train, n_train)
-        self.row_cells = -(-(self.context_length + ROW_SLACK) // 256) * 256  # llama.cpp pads a stream to 256 cells
+        # llama.cpp pads each stream to a multiple of 256 cells
+        self.row_cells = -(-(self.context_length + MAX_CHAIN_NODES) // 256) * 256
         self.max_rows = settings.n_seq_max
         self.ctx = lc.llama_init_from_model(self.model, self._context_params(settings, self.row_cells))
         if not self.ctx:
@@ -198,8 +196,8 @@ class LlamaCppBackend:
         B, T = tokens.shape
         if B * T > self.settings.n_batch:
             raise ValueError(f"{B} rows x {T} tree nodes exceed base_model.llamacpp.n_batch={self.settings.n_batch}")
-        if T > ROW_SLACK:
-            raise ValueError(f"a chain of {T} nodes exceeds the {ROW_SLACK} KV cells a row keeps for it")
+        if T > MAX_CHAIN_NODES:
+            raise ValueError(f"a chain of {T} nodes exceeds the {MAX_CHAIN_NODES} KV cells a row keeps for it")
         toks = tokens.tolist()
         entries = [(toks[b][t], cache.lens[b] + t, b) for b in range(B) for t in range(T)]  # a chain: depth t = node t
         logits, hidden = self._decode(entries, outputs=True)
