@@ -51,7 +51,7 @@ def main() -> None:
     ref, secs, steps = run(gen.backend, None, plain_tree(), prompts, args.tokens, False)
     total = len(prompts) * args.tokens
     rows = [("plain", "-", total / secs, total / steps, True)]
-    heads = {"random": random_heads(4, gen.backend.hidden_size, 0, 0.02, gen.backend.dtype),
+    heads = {"random": random_heads(4, gen.backend.hidden_size, 0, 0.02, gen.backend.dtype).to(gen.backend.device),
              "configured": gen.drafter,
              "oracle": OracleDrafter(dict(zip(prompts, ref)), 5, gen.backend.vocab_size)}
     for tree_name in tqdm(args.trees, desc="trees"):

@@ -2,13 +2,16 @@
 
     python benchmarks/cost_curve.py [--config configs/smollm2-135m-llamacpp.yaml] [--encodings Q4_1 F16 BF16 Q8_0 Q4_0]
         [--nodes 1 2 4 8 16] [--batch-sizes 1 4 8] [--context 200] [--long 1000] [--repeats 5] [--hf float32 bfloat16]
+        [--device cuda] [--random-llama vicuna-7b]
 
 For every encoding of the embedded GGUF (Q4_1 as shipped, the others re-encoded by llama.cpp's quantizer), batch
 size B and chain of N nodes it times, after a B-row prefill of `--context` tokens:
 - ours: one step through the backend, `verify` + `keep` (everything the decode loop asks of the backend);
 - raw: `llama_decode` alone of the same B x N tokens on the same context (batch filled and cells removed untimed);
 and the same again after `--long` more tokens of context (a long request). The two take turns, best of `--repeats`
-rounds after a warm-up round. With `--hf`, the transformers backend's step (ours only) in those dtypes.
+rounds after a warm-up round. With `--hf`, the transformers backend's step (ours only) in those dtypes, on
+`--device` (default: the config's); with `--random-llama NAME` on a random-weight Llama of that shape (RANDOM_LLAMAS;
+vicuna-7b is Vicuna-7B's, built on the device, nothing downloaded) instead of `--hf-config`'s model.
 Prints a markdown table (ms, and ours/raw) and plots ms per step against N (benchmarks/results/cost_curve.png).
 """
 from __future__ import annotations
@@ -22,11 +25,19 @@ from pathlib import Path
 import torch
 
 from medusa_core.backends import load_backend
+from medusa_core.backends.hf import DTYPES, HFBackend
 from medusa_core.config import load_config, resolve_repo_path
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tune_tree import fastest_in_turns, timed_step
 
 TOKEN = 1000  # content does not change the cost
+# Shapes for --random-llama: the cost of a step depends on the shape, not on the weights.
+RANDOM_LLAMAS = {
+    "vicuna-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "intermediate_size": 11008, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+             "vocab_size": 2048, "max_position_embeddings": 2048},
+}
 
 
 def chain(nodes: int):
@@ -63,7 +74,14 @@ def ours(backend, cache, batch: int, nodes: int) -> float:
 
 
 def hf_step(backend, cache, batch: int, nodes: int) -> float:
-    return timed_step(backend, cache, chain(nodes), batch)  # the context grows by one per step: negligible here
+    # CUDA kernels run asynchronously: wait for the queue before and after, or the time is the launch time only.
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    if timed_step(backend, cache, chain(nodes), batch) == float("inf"):  # the context grows by one: negligible
+        return float("inf")
+    sync()
+    return time.perf_counter() - start
 
 
 def sweep(backend, name: str, args, timers) -> list[dict]:
@@ -91,9 +109,23 @@ def measure_llamacpp(config, encoding: str, args) -> list[dict]:
 
 
 def measure_hf(config_path: str, dtype: str, args) -> list[dict]:
-    config = load_config(resolve_repo_path(config_path))
-    backend = load_backend(config.base_model.model_copy(update={"dtype": dtype}))
-    return sweep(backend, f"transformers {dtype}", args, (hf_step,))
+    if args.random_llama is not None:
+        backend, name = random_llama(args.random_llama, dtype, args.device or "cpu"), args.random_llama
+    else:
+        config = load_config(resolve_repo_path(config_path))
+        update = {"dtype": dtype} | ({"device": args.device} if args.device else {})
+        backend, name = load_backend(config.base_model.model_copy(update=update)), config.name
+    return sweep(backend, f"transformers {dtype} {backend.device.type} {name}", args, (hf_step,))
+
+
+def random_llama(shape: str, dtype: str, device: str) -> HFBackend:
+    """A random-weight Llama of a RANDOM_LLAMAS shape, initialised directly on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**RANDOM_LLAMAS[shape]), dtype=DTYPES[dtype])
+    return HFBackend(model, tokenizer=None)
 
 
 def table(rows: list[dict], nodes: list[int]) -> str:
@@ -144,15 +176,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--long", type=int, default=1000, help="extra context tokens of the long-request rows")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--hf", nargs="*", default=[], choices=["float32", "bfloat16"])
+    p.add_argument("--hf", nargs="*", default=[], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--hf-config", default="configs/smollm2-135m.yaml")
+    p.add_argument("--device", help="torch device of the --hf rows (default: --hf-config's; cpu with --random-llama)")
+    p.add_argument("--random-llama", choices=sorted(RANDOM_LLAMAS), help="time a random-weight Llama of this shape")
     p.add_argument("--out", default="benchmarks/results/cost_curve")
     args = p.parse_args()
     torch.set_num_threads(1)
     config = load_config(resolve_repo_path(args.config))
     rows = [r for enc in args.encodings for r in measure_llamacpp(config, enc, args)]
     rows += [r for dtype in args.hf for r in measure_hf(args.hf_config, dtype, args)]
-    threads = config.base_model.llamacpp.n_threads
+    threads = config.base_model.llamacpp.n_threads if args.encodings else torch.get_num_threads()
     print(f"\nms per step (best of {args.repeats}), {threads} thread(s); ours = verify + keep, raw = llama_decode\n")
     print(table(rows, args.nodes))
     out = resolve_repo_path(args.out)

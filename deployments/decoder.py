@@ -133,6 +133,7 @@ class Engine:
 
     def submit(self, jobs: list[Job]) -> None:
         self.waiting += jobs
+        self.report_load()
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self.run())
 
@@ -148,6 +149,11 @@ class Engine:
                 self.fail(e)
             finally:
                 self.step_started = None
+                self.report_load()
+
+    def report_load(self) -> None:
+        """The running/waiting gauges. Rows that ended this step are still counted until the next one retires them."""
+        self.metrics.record_load(self.generator.config.name, self.session.rows, len(self.waiting))
 
     def health(self) -> str | None:
         """Why this replica cannot serve, or None: a step failed, or one has run for longer than STUCK_STEP_S."""
@@ -211,10 +217,6 @@ class Decoder:
     def check_health(self) -> None:
         if (problem := self.engine.health()) is not None:
             raise RuntimeError(problem)
-
-    def info(self) -> dict:
-        generator = self.engine.generator
-        return {"model": generator.config.name, "context_length": generator.backend.context_length}
 
     async def stream(self, inp: DecodeInput) -> AsyncIterator[DecodeChunk]:
         try:

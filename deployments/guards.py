@@ -1,11 +1,13 @@
 """An ASGI guard in front of the routes: a POST body must be bounded, UTF-8, strict JSON, sent as application/json.
 
-It reads the body itself (at most `max_bytes`, whatever Content-Length says or whether the body is chunked), and
-rejects what FastAPI's parser would let through or choke on: duplicate keys (json keeps the last one silently),
-NaN/Infinity literals, nesting deeper than `max_depth`, invalid UTF-8. A good body is replayed to the app unchanged.
+It reads the body itself (at most `max_bytes`, whatever Content-Length says or whether the body is chunked, within
+`timeout_s()` seconds), and rejects what FastAPI's parser would let through or choke on: duplicate keys (json keeps
+the last one silently), NaN/Infinity literals, nesting deeper than `max_depth`, invalid UTF-8. A good body is replayed
+to the app unchanged.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,15 +67,17 @@ def check_json(body: bytes, max_depth: int) -> None:
 
 class BodyGuard:
     def __init__(self, app: Callable, max_bytes: int = 1 << 20, max_depth: int = 32,
-                 reject: Callable[[int, str, str], Callable] | None = None) -> None:
+                 reject: Callable[[int, str, str], Callable] | None = None,
+                 timeout_s: Callable[[], float] = lambda: 30.0) -> None:
         self.app, self.max_bytes, self.max_depth, self.reject = app, max_bytes, max_depth, reject
+        self.timeout_s = timeout_s  # read per request: the ingress's user_config changes it live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:
             _check_content_type(scope)
-            body = await self._read(receive)
+            body = await self._read_within(receive, self.timeout_s())
             check_json(body, self.max_depth)
         except BadBody as e:
             return await self.reject(e.status, str(e), e.code)(scope, receive, send)
@@ -87,6 +91,15 @@ class BodyGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _read_within(self, receive: Receive, timeout_s: float) -> bytes:
+        """The whole body within `timeout_s`: a client trickling its body (or sending less than its Content-Length)
+        would hold one of the ingress's request slots until the proxy's request timeout, ten minutes."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._read(receive)
+        except TimeoutError:
+            raise BadBody(408, f"request body not received within {timeout_s:g} s", "body_timeout") from None
 
     async def _read(self, receive: Receive) -> bytes:
         chunks, size = [], 0

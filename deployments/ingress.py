@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
+                                  ReplicaUnavailableError)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -29,8 +31,22 @@ logger = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 5.0
+HEALTH_CACHE_S = 1.0  # /health asks the Serve controller at most once a second, however often it is probed
+# A replica that died under a request: Ray raises ActorDiedError & co. (RayError) on a call in flight, and its router
+# ReplicaUnavailableError / DeploymentUnavailableError (not RayErrors) on one it was about to send.
+REPLICA_LOST = (RayError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+class IngressOptions(BaseModel):
+    """The ingress's `user_config` in serve_config.yaml, applied live by `reconfigure()`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    body_timeout_s: float = Field(30, gt=0, le=600, description="A request body not fully received this long after "
+                                  "the request reached the ingress gets a 408: a slow client holds an ingress slot.")
+
 
 app = FastAPI(title="medusa-serve", description="Medusa speculative decoding, OpenAI-compatible API.")
+app.state.options = IngressOptions()
 
 
 class ServeError(Exception):
@@ -68,7 +84,8 @@ def _reject(status: int, message: str, code: str) -> JSONResponse:
     return error_response(status, ErrorInfo(message=message, code=code))
 
 
-app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, reject=_reject)
+app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, reject=_reject,
+                   timeout_s=lambda: app.state.options.body_timeout_s)
 
 
 @serve.deployment
@@ -76,16 +93,37 @@ app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, reject=_reject)
 class Ingress:
     def __init__(self, decoder: DeploymentHandle, model: str) -> None:
         self.decoder, self.model = decoder, model
+        self.app_name = serve.get_replica_context().app_name
+        self.replicas: tuple[float, dict[str, int]] = (-HEALTH_CACHE_S, {})  # (when asked, decoder replica states)
+
+    def reconfigure(self, user_config: dict) -> None:
+        app.state.options = IngressOptions.model_validate(user_config)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        """200 while Serve's controller counts a running decoder replica. The controller health-checks every replica
+        itself (`Decoder.check_health`: a failed or stuck decode step, or no answer) without taking a request slot;
+        a call to the decoder would wait behind its requests, so a busy, healthy server would look down."""
         try:
-            await asyncio.wait_for(self.decoder.info.remote(), HEALTH_TIMEOUT_S)
-        except (asyncio.TimeoutError, BackPressureError, RayError) as e:
+            replicas = await asyncio.wait_for(self._decoder_replicas(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, RayError, RayServeException) as e:
             logger.warning("health check failed: %s", type(e).__name__)
-            return error_response(503, ErrorInfo(message="no decoder replica can serve", type="server_error"),
-                                  {"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"status": "ok", "model": self.model})
+            replicas = {}
+        if replicas.get("RUNNING", 0) < 1:
+            return error_response(503, ErrorInfo(message="no decoder replica can serve", type="server_error",
+                                                 code="no_replica"), {"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ok", "model": self.model, "decoder_replicas": replicas})
+
+    async def _decoder_replicas(self) -> dict[str, int]:
+        """Decoder replicas per state, as the controller sees them (serve.status() blocks: it runs in a thread)."""
+        asked, replicas = self.replicas
+        if time.monotonic() - asked >= HEALTH_CACHE_S:
+            status = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
+            deployment = status.deployments.get(self.decoder.deployment_name) if status is not None else None
+            states = deployment.replica_states if deployment is not None else {}
+            replicas = {str(getattr(state, "value", state)): n for state, n in states.items()}
+            self.replicas = (time.monotonic(), replicas)
+        return replicas
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -135,22 +173,29 @@ class Ingress:
         except BackPressureError:
             raise ServeError(503, ErrorInfo(message="server overloaded: the request queue is full, retry later",
                                             type="server_error", code="queue_full"), retry) from None
-        except RayError:
+        except REPLICA_LOST:
             raise ServeError(503, fmt.replica_lost(), retry) from None
         if first.error is not None:
-            raise ServeError(first.status, first.error)
-        return first, stream
+            raise ServeError(first.status, first.error, retry if first.status == 503 else None)
+        return first, self._rest(stream)
+
+    async def _rest(self, stream: AsyncIterator[DecodeChunk]) -> AsyncIterator[DecodeChunk]:
+        """The stream after its first chunk; a replica lost on the way becomes one last error chunk, so a stream
+        ends with an error event and [DONE], never a cut connection or a hang."""
+        try:
+            async for chunk in stream:
+                yield chunk
+        except REPLICA_LOST:
+            yield DecodeChunk(error=fmt.replica_lost(), status=503)
 
     async def _collect(self, inp: DecodeInput) -> tuple[str, DecodeChunk]:
         first, stream = await self._start(inp)
         text, last = first.text, first
-        try:
-            async for chunk in stream:
-                if chunk.error is not None:
-                    raise ServeError(chunk.status, chunk.error)
-                text, last = text + chunk.text, chunk
-        except RayError:
-            raise ServeError(503, fmt.replica_lost(), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        async for chunk in stream:
+            if chunk.error is not None:
+                raise ServeError(chunk.status, chunk.error, {"Retry-After": str(RETRY_AFTER_S)}
+                                 if chunk.status == 503 else None)
+            text, last = text + chunk.text, chunk
         return text, last
 
     async def _respond(self, body: SamplingFields, inp: DecodeInput, chunk_fn, whole_fn):

@@ -1,11 +1,12 @@
 """Custom Ray Serve metrics of the decoder replicas (shown in the Ray dashboard, exported to Prometheus).
 
 Ray prefixes custom metrics with `ray_` and adds the deployment, replica and application tags; the README lists the
-exported names. Everything is recorded from a finished request's stats, so the decode loop stays free of metrics.
+exported names. Counters and histograms are recorded from a finished request's stats and the two gauges between
+steps, so the decode loop stays free of metrics.
 """
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.schemas import MedusaStats
 
@@ -30,11 +31,22 @@ class DecoderMetrics:
                               boundaries=LATENCY_S, tag_keys=tags)
         self.rate = Histogram("medusa_request_tokens_per_second", "Per-request generated tokens per second.",
                               boundaries=RATE, tag_keys=tags)
+        # Per replica (Ray adds the replica tag): rows decoding in the running batch and requests waiting to join
+        # it. Ray's own ongoing-request count drops when a caller goes away; a row that kept decoding after its
+        # caller left would show only here.
+        self.running = Gauge("medusa_running_requests", "Requests decoding in the replica's running batch (rows).",
+                             tag_keys=("model",))
+        self.waiting = Gauge("medusa_waiting_requests", "Requests in the replica waiting to join the running batch.",
+                             tag_keys=("model",))
         self.queue_wait = Histogram("medusa_queue_wait_seconds", "From the ingress receiving a request to its "
                                     "batch starting to decode.", boundaries=LATENCY_S, tag_keys=tags)
 
     def record_batch(self, model: str, size: int) -> None:
         self.batch_size.observe(size, tags={"model": model})
+
+    def record_load(self, model: str, running: int, waiting: int) -> None:
+        self.running.set(running, tags={"model": model})
+        self.waiting.set(waiting, tags={"model": model})
 
     def record_request(self, model: str, stats: MedusaStats, finish_reason: str) -> None:
         tags = {"model": model, "mode": stats.mode}

@@ -97,7 +97,9 @@ def legacy_generate(text: str, last: DecodeChunk) -> dict:
     """The original service's /generate response. acceptance_rate: accepted speculated tokens / speculated depth."""
     s: MedusaStats = last.stats
     depth = len(s.accepted_per_head)
-    rate = (s.mean_accepted_length - 1) / depth if s.mode == "medusa" and depth else 0.0
+    # No decode step (max_length 1: the prefill made the only token): nothing was speculated, and the stats' mean
+    # accepted length is 0.0, which would give a negative rate.
+    rate = (s.mean_accepted_length - 1) / depth if s.mode == "medusa" and depth and s.decode_steps else 0.0
     return {"text": text, "generation_time": s.wall_time_s + s.queue_wait_s, "tokens_generated": s.generated_tokens,
             "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode, "medusa": s.model_dump()}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_STOP = 4  # as OpenAI: at most four stop strings
 MAX_STOP_CHARS = 256
@@ -21,6 +21,9 @@ class Strict(BaseModel):
 
 
 Text = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+# An empty prompt has no token to decode from. Stating it (and the stop count) in the type puts it in the OpenAPI
+# schema, so a client generated from the schema (or Schemathesis) does not send what the server refuses.
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -29,7 +32,7 @@ class MedusaOptions(Strict):
 
     mode: Literal["medusa", "plain"] = Field("medusa", description="medusa: tree speculation; plain: one token a step.")
     acceptance: Literal["greedy", "typical", "lossless"] | None = Field(
-        None, description="Acceptance rule; default greedy at temperature 0, typical above it.")
+        None, description="Acceptance rule; default greedy at temperature 0, lossless above it (exact, seedable).")
     ignore_eos: bool = Field(False, description="Decode max_tokens tokens even past the end-of-sequence token.")
     timeout_s: float | None = Field(None, gt=0, description="End the request with a 504 after this many seconds "
                                     "(the server's request_timeout_s caps it).")
@@ -46,20 +49,14 @@ class SamplingFields(Strict):
     max_tokens: int | None = Field(None, ge=1, description="New tokens; default: the model config's, capped to fit.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: StopString | list[StopString] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} stop strings.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = Field(None, max_length=256)
     medusa: MedusaOptions = MedusaOptions()
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        return v
 
     @model_validator(mode="after")
     def _greedy_needs_zero_temperature(self) -> SamplingFields:
@@ -72,7 +69,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
         description="The prompt: a string, or a list holding one string.")
 
     def prompt_text(self) -> str:
@@ -93,13 +90,13 @@ class ChatRequest(SamplingFields):
 class GenerateRequest(Strict):
     """The original service's /generate body. `max_length` counts new tokens; decoding is greedy."""
 
-    prompt: Text
+    prompt: Prompt
     max_length: int = Field(128, ge=1)
     mode: Literal["medusa", "normal"] = "medusa"
 
 
 class CompareRequest(Strict):
-    prompt: Text
+    prompt: Prompt
     max_length: int = Field(128, ge=1)
 
 

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=["medusa", "plain"], default="medusa")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--acceptance", choices=["greedy", "typical", "lossless"], default=None)
+    gen.add_argument("--acceptance", choices=["greedy", "typical", "lossless"], default=None,
+                     help="default: greedy at temperature 0, lossless above it")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")

@@ -51,7 +51,7 @@ class StepEvent:
 @dataclass
 class _Row:
     request: DecodeRequest
-    generator: torch.Generator
+    seed: int  # keys the row's samples (sampling.choose_token)
     history: list[int]
     emitted: int = 0
     finish_reason: str | None = None
@@ -98,9 +98,10 @@ def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, 
 def admit(backend: Backend, batch: Batch | None, requests: dict[int, DecodeRequest]) -> tuple[Batch, list[StepEvent]]:
     """Prefill new requests (keyed by the caller's id) and add them to the running batch; emits their first token."""
     keys, new = tuple(requests), list(requests.values())
-    rows = tuple(_Row(r, r.sampling.generator(), list(r.prompt_ids)) for r in new)
+    rows = tuple(_Row(r, r.sampling.row_seed(), list(r.prompt_ids)) for r in new)
     fwd, cache = backend.prefill([r.prompt_ids for r in new], None if batch is None else batch.cache)
-    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.generator) for b, r in enumerate(rows)])
+    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.seed, len(r.history))
+                          for b, r in enumerate(rows)])
     events = [_emit(row, [int(roots[b])], None, backend.eos_token_ids, keys[b]) for b, row in enumerate(rows)]
     hidden = fwd.hidden[:, 0]  # [B_new, H]
     if batch is not None:
@@ -150,8 +151,9 @@ def step(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, cache, ro
         candidates = candidates.cpu()
     tokens = propose(roots, candidates, tree)  # [B, T]
     out = backend.verify(cache, tokens, tree)
-    acc = accept(tokens, out.logits.cpu(), tree, [r.request.sampling for r in rows],
-                 [r.generator for r in rows], speculate, epsilon, alpha)
+    # The root is the last token of each row's history; the first token this step samples comes after it.
+    acc = accept(tokens, out.logits.cpu(), tree, [r.request.sampling for r in rows], [r.seed for r in rows],
+                 [len(r.history) for r in rows], speculate, epsilon, alpha)
     backend.keep(cache, acc.nodes, acc.accept_len + 1)
     last = acc.nodes[torch.arange(len(rows)), acc.accept_len]  # [B]
     return acc, tokens, out.hidden[torch.arange(len(rows)), last.to(out.hidden.device)]

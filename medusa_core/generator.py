@@ -210,7 +210,10 @@ class DecodeSession:
         if tr.finish_reason is None and event.finish_reason not in (None, "cancelled"):
             tr.finish_reason = event.finish_reason
         full = self.generator.tokenizer.decode(tr.ids, skip_special_tokens=True)
-        end = _stop_at(full, tr.request.stop, tr.sent)
+        ended = tr.finish_reason is not None or event.finish_reason == "cancelled"
+        # Until the request ends, a trailing U+FFFD stands for a character whose bytes are still arriving: a stop
+        # string must not match it (a "\ufffd" stop cut a reply before an emoji whose first token decodes to it).
+        end = _stop_at(full if ended else full.rstrip("\ufffd"), tr.request.stop, tr.sent)
         if end is not None:
             full, tr.finish_reason = full[:end], "stop"
         done = tr.finish_reason is not None or event.finish_reason == "cancelled"

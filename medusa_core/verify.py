@@ -5,7 +5,8 @@ Rules (Medusa paper, section 2.3.1, and FasterDecoding/Medusa `evaluate_posterio
 - typical: accepted when p(candidate) > min(epsilon, alpha * exp(-H(p))) under the parent's tempered
   distribution; among paths of equal accept_len the one with the highest log-likelihood wins. Not lossless.
 - lossless sampling: walk down from the root, sampling x ~ p at each node; move to the child whose candidate is x,
-  stop when there is none. Every emitted token is then an exact sample of p, whatever the heads proposed.
+  stop when there is none. Every emitted token is then an exact sample of p, whatever the heads proposed; with
+  samples keyed by (seed, position) (sampling.py) it is the very token plain sampling would draw there.
 A path's accept_len counts its accepted nodes up to the first rejected one.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medusa_core.sampling import SamplingParams, choose_token
+from medusa_core.sampling import TINY, SamplingParams, choose_token
 from medusa_core.tree import TreeBuffers
 
 
@@ -37,8 +38,9 @@ def greedy_node_ok(tokens: Tensor, logits: Tensor, tree: TreeBuffers) -> Tensor:
 def typical_node_ok(tokens: Tensor, logits: Tensor, tree: TreeBuffers, temperature: float,
                     epsilon: float, alpha: float) -> tuple[Tensor, Tensor]:
     """-> (ok [B, T] bool, log p(candidate) under the parent [B, T])."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
-    entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+    logits = logits.float()  # shifted as in sampling.probabilities, so a tiny temperature gives no NaN
+    logp = torch.log_softmax((logits - logits.amax(-1, keepdim=True)) / max(temperature, TINY), dim=-1)  # [B, T, V]
+    entropy = torch.special.entr(logp.exp()).sum(-1)  # [B, T]; entr(0) = 0 where p * log p is 0 * -inf
     threshold = torch.minimum(torch.full_like(entropy, epsilon), alpha * torch.exp(-entropy))  # [B, T]
     cand_logp = logp[:, tree.parent].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
     ok = cand_logp.exp() > threshold[:, tree.parent]
@@ -61,15 +63,16 @@ def longest_path(node_ok: Tensor, tree: TreeBuffers, score: Tensor | None = None
     return path_score.argmax(dim=-1), best_len
 
 
-def walk_tree(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: SamplingParams,
-              generator: torch.Generator) -> tuple[list[int], int]:
-    """One row, lossless sampling. tokens [T], logits [T, V] -> (accepted nodes after the root, bonus token)."""
+def walk_tree(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: SamplingParams, seed: int,
+              position: int) -> tuple[list[int], int]:
+    """One row, lossless sampling. tokens [T], logits [T, V]; `position` is the sequence position of the token after
+    the root -> (accepted nodes after the root, bonus token)."""
     children: dict[tuple[int, int], int] = {}
     for node in range(1, tree.num_nodes):
         children[(int(tree.parent[node]), int(tokens[node]))] = node
     node, path = 0, []
     while True:
-        x = choose_token(logits[node], params, generator)
+        x = choose_token(logits[node], params, seed, position + len(path))
         child = children.get((node, x))
         if child is None:
             return path, x
@@ -77,9 +80,10 @@ def walk_tree(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: Samplin
         node = child
 
 
-def accept(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: list[SamplingParams],
-           generators: list[torch.Generator], speculate: Tensor, epsilon: float, alpha: float) -> Accepted:
-    """tokens [B, T], logits [B, T, V]; params/generators per row; speculate [B] bool (False: plain decoding)."""
+def accept(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: list[SamplingParams], seeds: list[int],
+           positions: list[int], speculate: Tensor, epsilon: float, alpha: float) -> Accepted:
+    """tokens [B, T], logits [B, T, V]; per row its sampling params, seed and the sequence position of the token after
+    its root; speculate [B] bool (False: plain decoding)."""
     B = tokens.shape[0]
     node_ok = greedy_node_ok(tokens, logits, tree) & speculate[:, None]
     leaf, accept_len = longest_path(node_ok, tree)
@@ -93,10 +97,10 @@ def accept(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: list[Sampl
             row_leaf, row_len = longest_path(ok, tree, score)
             nodes[b], accept_len[b] = tree.leaf_nodes[row_leaf[0]], row_len[0]
         elif mode == "lossless":
-            path, bonus[b] = walk_tree(tokens[b], logits[b], tree, params[b], generators[b])
+            path, bonus[b] = walk_tree(tokens[b], logits[b], tree, params[b], seeds[b], positions[b])
             nodes[b] = torch.tensor([0] + path + [0] * (nodes.shape[1] - 1 - len(path)))
             accept_len[b] = len(path)
             continue
         last = nodes[b, accept_len[b]]
-        bonus[b] = choose_token(logits[b, last], params[b], generators[b])
+        bonus[b] = choose_token(logits[b, last], params[b], seeds[b], positions[b] + int(accept_len[b]))
     return Accepted(nodes, accept_len, bonus)

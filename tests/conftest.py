@@ -39,6 +39,35 @@ def tiny_backend():
 
 
 @pytest.fixture(scope="session")
+def tiny_reference():
+    """The tiny Llama built afresh, never patched by our backend: the independent reference."""
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_reference):
+    from equivalence import hf_scorer
+
+    return hf_scorer(tiny_reference)
+
+
+@pytest.fixture(scope="session")
+def embedded_reference():
+    """The embedded model loaded afresh and unpatched (fp32, eager attention): the independent reference."""
+    from equivalence import load_hf_reference
+    from medusa_core.config import DEFAULT_CONFIG, load_config
+
+    return load_hf_reference(load_config(DEFAULT_CONFIG).base_model)
+
+
+@pytest.fixture(scope="session")
+def embedded_scorer(embedded_reference):
+    from equivalence import hf_scorer
+
+    return hf_scorer(embedded_reference)
+
+
+@pytest.fixture(scope="session")
 def embedded_generator():
     from medusa_core.config import DEFAULT_CONFIG, load_config
     from medusa_core.generator import load_generator
@@ -58,17 +87,32 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The real app: `serve run` on serve_config.yaml with a test port, a small queue and short autoscaling delays;
-    shared by the service and reliability tests (one Ray cluster start)."""
+    """The real app: `serve run` on serve_config.yaml with a test port, a small queue, short autoscaling delays, a
+    short body timeout and the served model config with a fixed tree; shared by the service and reliability tests
+    (one Ray cluster start)."""
     from serve_harness import serve_config, start_server
 
-    cfg = serve_config(8123, decoder={
+    folder = tmp_path_factory.mktemp("serve")
+    cfg = serve_config(8123, config=str(fixed_tree_config(folder)), decoder={
         "max_queued_requests": 4,
         "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
-        "graceful_shutdown_timeout_s": 30,
         "health_check_period_s": 2,
         "health_check_timeout_s": 5,
-    })
-    s = start_server(cfg, tmp_path_factory.mktemp("serve"))
+    }, ingress={"user_config": {"body_timeout_s": 3}})
+    s = start_server(cfg, folder)
     yield s
     s.stop()
+
+
+def fixed_tree_config(folder):
+    """The served model config with the adaptive policy off, so its chain is verified every step: the HTTP tests'
+    equality checks (batched == alone, CLI == HTTP, the soak) then compare Medusa with speculation on, which the
+    adaptive policy on this CPU would mostly switch off."""
+    import yaml
+    from serve_harness import REPO, SERVED_CONFIG
+
+    config = yaml.safe_load((REPO / SERVED_CONFIG).read_text())
+    config["tree"]["adaptive"] = None
+    path = folder / "model_fixed_tree.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,13 +1,15 @@
 """Start the real Ray Serve app with `serve run` on a copy of serve_config.yaml, and talk to it over HTTP.
 
 The copy changes only what a test needs (port, autoscaling delays, queue bounds); everything else is the shipped
-file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling is observable in a test. Ray runs with
-token authentication on, as users run it (the venv's defaults, .ci/install): the dashboard's REST API gets the token
-header, `serve deploy` finds the token itself.
+file. The autoscaling metrics are pushed every 0.5 s instead of 10 s so scaling is observable in a test, and Ray's
+metrics are exported every second instead of ten so a gauge's change is too. Ray runs with token authentication on,
+as users run it (the venv's defaults, .ci/install): the dashboard's REST API gets the token header, `serve deploy`
+finds the token itself.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ FAST_METRICS = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_metrics_report_interval_ms": "1000",
 }
 
 
@@ -48,20 +51,22 @@ def dashboard_get(path: str) -> httpx.Response:
     return r
 
 
-def serve_config(port: int, decoder: dict | None = None, config: str | None = None) -> dict:
-    """serve_config.yaml with the HTTP port changed and the Decoder's settings updated from `decoder`."""
+def serve_config(port: int, decoder: dict | None = None, config: str | None = None,
+                 ingress: dict | None = None) -> dict:
+    """serve_config.yaml with the HTTP port changed and the Decoder's and Ingress's settings updated."""
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
     if config is not None:
         cfg["applications"][0]["args"]["config"] = config
-    return _with_decoder(cfg, decoder or {})
+    return _with_options(_with_options(cfg, "Decoder", decoder or {}), "Ingress", ingress or {})
 
 
-def _with_decoder(cfg: dict, decoder: dict) -> dict:
+def _with_options(cfg: dict, deployment: str, options: dict) -> dict:
+    """A copy of `cfg` with the named deployment's settings updated from `options` (dicts merged one level deep)."""
     cfg = copy.deepcopy(cfg)
-    dec = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Decoder")
-    for key, value in decoder.items():
-        dec[key] = {**dec[key], **value} if isinstance(value, dict) and key in dec else value
+    dep = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == deployment)
+    for key, value in options.items():
+        dep[key] = {**dep[key], **value} if isinstance(value, dict) and key in dep else value
     return cfg
 
 
@@ -72,10 +77,10 @@ class Server:
     log: Path
     config: dict
 
-    def redeploy(self, decoder: dict, config: str | None = None) -> None:
-        """`serve deploy` this server's config with the Decoder's settings (and the model config) changed; wait
-        until it runs."""
-        cfg = _with_decoder(self.config, decoder)
+    def redeploy(self, decoder: dict, config: str | None = None, ingress: dict | None = None) -> None:
+        """`serve deploy` this server's config with the Decoder's and Ingress's settings (and the model config)
+        changed; wait until it runs."""
+        cfg = _with_options(_with_options(self.config, "Decoder", decoder), "Ingress", ingress or {})
         if config is not None:
             cfg["applications"][0]["args"]["config"] = config
         path = self.log.with_name("redeploy.yaml")
@@ -121,6 +126,23 @@ class Server:
         while (states := self.decoder_replicas()) != want and time.monotonic() < deadline:
             time.sleep(1)
         return states
+
+
+def ray_metrics(name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's series (those with `labels`) over Ray's metrics endpoints, found as a
+    Prometheus server finds them: the service-discovery file of the latest Ray session (the tests' cluster; tests
+    that start Ray run one at a time). 0.0 when no series exists yet."""
+    session = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest"
+    targets = json.loads((session / "prom_metrics_service_discovery.json").read_text())
+    total = 0.0
+    for group in targets:
+        for target in group["targets"]:
+            for line in httpx.get(f"http://{target}/metrics", timeout=10).text.splitlines():
+                metric, _, rest = line.partition("{")  # name{label="value",...} value
+                tags, _, value = rest.rpartition("}")
+                if metric == name and all(f'{k}="{v}"' in tags for k, v in labels.items()):
+                    total += float(value.split()[0])
+    return total
 
 
 def post(server: Server, path: str, body: dict, timeout: float = 300) -> httpx.Response:

@@ -1,7 +1,10 @@
 """The adaptive tree: which prefix of the tree it picks from measured cost and acceptance, and that the choice never
-changes greedy output (embedded model, shipped heads, adaptive policy calibrated on the real backend)."""
+changes greedy or seeded output (embedded model, shipped heads, adaptive policy calibrated on the real backend)."""
+from dataclasses import replace
+
 from medusa_core.adaptive import PRIOR_STEPS, TreePolicy, calibrate, prefix_trees, shipped_prior
 from medusa_core.generator import MedusaGenerator, TextRequest
+from medusa_core.sampling import SamplingParams
 from medusa_core.tree_presets import preset_paths
 
 PATHS = [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0], [1, 0]]  # 8 nodes, parents listed first
@@ -100,6 +103,12 @@ def test_adaptive_output_equals_plain(embedded_generator):
     reqs = [TextRequest(tuple(gen.encode(p)), 24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
     got = agen.generate(reqs)
     ref = gen.generate([TextRequest(r.prompt_ids, 24, mode="plain", ignore_eos=True) for r in reqs])
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+    # Seeded sampling (the default, lossless rule): the policy's changing tree must not change what a seed samples.
+    sampled = [replace(r, sampling=SamplingParams(0.8, seed=7)) for r in reqs]
+    got = agen.generate(sampled)
+    ref = gen.generate([replace(r, mode="plain") for r in sampled])
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
     assert sum(adaptive.tried.values()) > 0, "exploration steps measured the nodes"

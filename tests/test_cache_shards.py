@@ -1,13 +1,30 @@
 """Hidden-state caches are built in shards of whole conversations: a bigger budget only adds shards."""
 import types
 
+import pytest
 import torch
 
 from medusa_core import data as sharegpt
 from medusa_core.commands import load_or_build_cache
 
+SLICE_CHARS = 400_000  # the file's first ~60 conversations: the test needs ~10 usable held-in ones
 
-def test_bigger_budget_adds_shards_and_keeps_the_built_ones(embedded_generator, tmp_path):
+
+@pytest.fixture
+def sharegpt_slice(tmp_path, monkeypatch):
+    """The head of the real ShareGPT file, cut mid-item as the shipped file is: the same conversations in the same
+    order as the first shards built from the whole file, without parsing all 125 MB (~1.8 s) at each read."""
+    with sharegpt.sharegpt_path().open(encoding="utf-8") as f:
+        head = f.read(SLICE_CHARS)
+    path = tmp_path / "sharegpt-head.json"
+    path.write_text(head, encoding="utf-8")
+    monkeypatch.setattr(sharegpt, "sharegpt_path", lambda: path)
+    conversations, report = sharegpt.read_sharegpt()
+    assert report.truncated_tail == 1 and report.kept >= 40, report
+    return conversations
+
+
+def test_bigger_budget_adds_shards_and_keeps_the_built_ones(embedded_generator, sharegpt_slice, tmp_path):
     backend = embedded_generator.backend
     args = types.SimpleNamespace(cache_dir=str(tmp_path), max_seq=48, train_tokens=150, eval_tokens=0)
     small, paths = load_or_build_cache(backend, args, held_out=False, data="sharegpt", shard=2)
@@ -22,8 +39,10 @@ def test_bigger_budget_adds_shards_and_keeps_the_built_ones(embedded_generator, 
     assert (paths[0].parent / "lm_head.pt").is_file()  # once per folder, not per shard
     assert torch.equal(bigger.lm_head, backend.model.lm_head.weight.float())
 
-    held_in, _ = sharegpt.split(sharegpt.read_sharegpt()[0])  # shard k holds the k-th pair of usable conversations
+    held_in, _ = sharegpt.split(sharegpt_slice)  # shard k holds the k-th pair of usable conversations
     seqs = [s for c in held_in[:20] if any((s := sharegpt.encode_conversation(backend.tokenizer, c.messages, 48))
                                           .assistant)]
     first = sorted(seqs[:2], key=lambda s: -len(s.ids))  # a shard is cached longest first
     assert bigger.tokens[: sum(len(s.ids) for s in first)].tolist() == [t for s in first for t in s.ids]
+    tail = sorted(seqs[2 * len(paths): 2 * len(paths) + 2], key=lambda s: -len(s.ids))  # the added shard
+    assert bigger.tokens[small.num_tokens:].tolist() == [t for s in tail for t in s.ids]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from medusa_core.heads import HeadsFormatError, MedusaHeads, load_heads, random_heads, save_heads
 

@@ -2,8 +2,9 @@
 re-encodes from it: greedy Medusa == plain greedy, both through llama.cpp; the KV layout (a stream per row, chains).
 
 Tokens are only ever compared within this backend (llama.cpp and torch disagree on near-ties of the same model;
-tests/test_reference.py compares with llama-cpp-python's own decoding). A divergence passes only when the
-reference's top-2 logit gap at that token is below equivalence.NEAR_TIE (1e-3); such cases are counted and bounded.
+tests/test_reference.py compares with llama-cpp-python's own decoding). A divergence passes only where
+llama-cpp-python's own `Llama`, scoring our tokens on the same file, has a top-2 gap below equivalence.NEAR_TIE (1e-3)
+and our token is its runner-up; at most MAX_NEAR_TIES such partings per test.
 """
 import re
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS, OracleDrafter
-from equivalence import assert_same_or_near_tie, run_decode, run_staggered
+from equivalence import (MAX_NEAR_TIES, assert_same_or_near_tie, llama_reference, llama_scorer, run_decode,
+                         run_staggered)
 from medusa_core.config import REPO_ROOT, ConfigError, load_config
 from medusa_core.tree import build_tree_buffers, plain_tree
 from medusa_core.tree_presets import preset_paths
@@ -20,7 +22,6 @@ pytest.importorskip("llama_cpp")
 
 CONFIG = REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml"
 N_NEW = 64
-TIES_SEEN: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,18 @@ def plain(gen):
     return prompts, out
 
 
-def same_or_near_tie(backend, prompt, got, ref, label) -> int:
-    """The shared near-tie check (tests/equivalence.py), with each near-tie also recorded for the count."""
-    tie = assert_same_or_near_tie(backend, prompt, got, ref, label)
-    if tie:
-        TIES_SEEN.append(label)
-    return tie
+@pytest.fixture(scope="module")
+def score(gen):
+    """llama-cpp-python's own Llama on the shipped file: the independent scorer of near-ties."""
+    return llama_scorer(llama_reference(gen.backend.gguf_path, gen.backend.settings, 1024))
+
+
+def assert_all_same(score, prompts, got, refs, label) -> int:
+    """Each row equals its reference up to near-ties of the independent scorer, at most MAX_NEAR_TIES in all."""
+    ties = sum(assert_same_or_near_tie(score, p, g, r, f"{label}/prompt {i}")
+               for i, (p, g, r) in enumerate(zip(prompts, got, refs)))
+    assert ties <= MAX_NEAR_TIES, f"{label}: {ties} near-tie partings in {len(prompts)} prompts"
+    return ties
 
 
 @pytest.mark.parametrize("tree_name, heads", [
@@ -61,7 +68,7 @@ def same_or_near_tie(backend, prompt, got, ref, label) -> int:
     pytest.param("chain_3", "oracle_to_depth_1", marks=pytest.mark.slow),
     pytest.param("chain_2", "random", marks=pytest.mark.slow),
 ])
-def test_medusa_equals_plain(gen, plain, tree_name, heads):
+def test_medusa_equals_plain(gen, plain, score, tree_name, heads):
     prompts, ref = plain
     tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
     if heads == "random":
@@ -70,45 +77,39 @@ def test_medusa_equals_plain(gen, plain, tree_name, heads):
         depth = None if heads == "oracle" else int(heads[-1])
         drafter = OracleDrafter(dict(zip(prompts, ref)), 4, gen.backend.vocab_size, depth)
     got, steps = run_decode(gen.backend, drafter, tree, prompts, N_NEW)
-    ties = sum(same_or_near_tie(gen.backend, p, g, r, f"{tree_name}/{heads}/prompt {i}")
-               for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
+    ties = assert_all_same(score, prompts, got, ref, f"{tree_name}/{heads}")
     print(f"{tree_name}/{heads}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
-    assert ties <= 1, f"{ties} near-ties in {len(prompts)} prompts: more than float reordering explains"
     if heads == "oracle" and ties == 0:  # each step accepts a full path
         assert steps == 1 + -(-(N_NEW - 1) // (tree.max_depth + 1))
 
 
 @pytest.mark.slow
-def test_shipped_heads_and_tree_equal_plain(gen, plain):
+def test_shipped_heads_and_tree_equal_plain(gen, plain, score):
     prompts, ref = plain
     got, steps = run_decode(gen.backend, gen.drafter, gen.tree, prompts, N_NEW)
-    ties = sum(same_or_near_tie(gen.backend, p, g, r, f"shipped/prompt {i}")
-               for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
+    ties = assert_all_same(score, prompts, got, ref, "shipped")
     print(f"shipped heads and tree: {steps} steps, {ties} near-ties")
-    assert ties <= 1
 
 
-def test_batched_equals_alone(gen, plain):
+def test_batched_equals_alone(gen, plain, score):
     prompts, ref = plain
     alone, _ = run_decode(gen.backend, None, plain_tree(), [prompts[3]], 32, speculate=False)
-    same_or_near_tie(gen.backend, prompts[3], alone[0], ref[3][:32], "plain alone/prompt 3")
+    assert_all_same(score, prompts[3:4], alone, [ref[3][:32]], "plain alone")
     tree = build_tree_buffers(preset_paths("chain_2"), top_k=10)
     short = [p[:n] for p, n in zip(prompts[:3], (9, 4, 6))]  # uneven lengths
     together, _ = run_decode(gen.backend, gen.drafter, tree, short, 16)
-    for p, t in zip(short, together):
-        alone, _ = run_decode(gen.backend, gen.drafter, tree, [p], 16)
-        same_or_near_tie(gen.backend, p, t, alone[0], f"medusa batched/{len(p)} tokens")
+    alone = [run_decode(gen.backend, gen.drafter, tree, [p], 16)[0][0] for p in short]
+    assert_all_same(score, short, together, alone, "medusa batched")
 
 
-def test_requests_joining_a_running_batch_equal_alone(gen, plain):
+def test_requests_joining_a_running_batch_equal_alone(gen, plain, score):
     """Continuous batching: rows that join between steps take the next streams, rows that finish first move the
     later rows down a stream; outputs unchanged."""
     prompts, ref = plain
     tree = build_tree_buffers(preset_paths("chain_3"), top_k=10)
     drafter = OracleDrafter(dict(zip(prompts, ref)), 4, gen.backend.vocab_size, 1)
     got = run_staggered(gen.backend, drafter, tree, prompts[:3], 24, join_at=[0, 2, 5])
-    for i, (p, g) in enumerate(zip(prompts[:3], got)):
-        same_or_near_tie(gen.backend, p, g, ref[i][:24], f"staggered/prompt {i}")
+    assert_all_same(score, prompts[:3], got, [r[:24] for r in ref[:3]], "staggered")
 
 
 def test_keep_and_select_equal_sequential(gen):
@@ -175,10 +176,11 @@ def test_branching_tree_rejected_at_startup(tmp_path):
 def test_generator_text(gen):
     from medusa_core.generator import TextRequest
 
-    ids = tuple(gen.encode_chat([{"role": "user", "content": "What is the capital of France?"}]))
-    medusa, plain = gen.generate([TextRequest(ids, 8), TextRequest(ids, 8, mode="plain")])
+    ids = tuple(gen.encode_chat([{"role": "user", "content": "List the days of the week."}]))
+    medusa, plain = gen.generate([TextRequest(ids, 24), TextRequest(ids, 24, mode="plain")])
     assert medusa.token_ids == plain.token_ids and medusa.text.strip(), medusa.text
-    assert medusa.stats.decode_steps <= plain.stats.decode_steps
+    # The shipped heads accept on this prompt: Medusa must take fewer steps than plain decoding, not merely as many.
+    assert medusa.stats.decode_steps < plain.stats.decode_steps, (medusa.stats, plain.stats)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +209,7 @@ def test_requests_filling_the_context_window_never_run_out_of_kv(gen, small):
     assert [len(g) for g in got] == [56, 56]
 
 
-def test_more_requests_than_rows_wait_for_room(gen, small):
+def test_more_requests_than_rows_wait_for_room(gen, small, score):
     """generate() with more requests than the context has rows: the rest join as rows finish (admission, never a
     KV failure), and each equals the request decoded alone."""
     from medusa_core.generator import MedusaGenerator, TextRequest
@@ -216,9 +218,8 @@ def test_more_requests_than_rows_wait_for_room(gen, small):
     requests = [TextRequest(tuple(gen.encode(p)), 8 + 4 * i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
     together = g.generate(requests)
     assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in requests]
-    for i, r in enumerate(requests):
-        alone = g.generate([r])[0]
-        same_or_near_tie(small, r.prompt_ids, list(together[i].token_ids), list(alone.token_ids), f"waited/{i}")
+    alone = [list(g.generate([r])[0].token_ids) for r in requests]
+    assert_all_same(score, [r.prompt_ids for r in requests], [list(t.token_ids) for t in together], alone, "waited")
 
 
 def test_served_copy_medusa_equals_plain_and_batched_equals_alone(gen):
@@ -235,14 +236,13 @@ def test_served_copy_medusa_equals_plain_and_batched_equals_alone(gen):
     assert served.backend.vocab_size == gen.backend.vocab_size and served.encode("Hi") == gen.encode("Hi")
     prompts = [tuple(served.encode(p)) for p in PROMPTS]
     ref, _ = run_decode(served.backend, None, plain_tree(), prompts, 32, speculate=False)
+    served_score = llama_scorer(llama_reference(served.backend.gguf_path, served.backend.settings, 1024))
     oracle = OracleDrafter(dict(zip(prompts, ref)), 4, served.backend.vocab_size, None)
     chain_2 = build_tree_buffers(preset_paths("chain_2"), top_k=10)
     for name, drafter, tree in [("chain_3/oracle", oracle, build_tree_buffers(preset_paths("chain_3"), 10)),
                                 ("chain_2/shipped heads", served.drafter, chain_2)]:
         got, steps = run_decode(served.backend, drafter, tree, prompts, 32)
-        ties = sum(same_or_near_tie(served.backend, p, g, r, f"served {name}/prompt {i}")
-                   for i, (p, g, r) in enumerate(zip(prompts, got, ref)))
+        ties = assert_all_same(served_score, prompts, got, ref, f"served {name}")
         print(f"served {name}: {steps} steps, {ties} near-ties in {len(prompts)} prompts")
-        assert ties <= 1
     alone, _ = run_decode(served.backend, served.drafter, chain_2, [prompts[2]], 32)
-    same_or_near_tie(served.backend, prompts[2], alone[0], ref[2], "served chain_2 alone/prompt 2")
+    assert_all_same(served_score, prompts[2:3], alone, ref[2:3], "served chain_2 alone")

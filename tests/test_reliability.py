@@ -1,37 +1,43 @@
-"""Reliability of the real app under overload, timeouts, replica death, disconnects and hostile input.
+"""Reliability of the real app under overload (of the decoder and of the ingress itself), slow bodies, timeouts,
+disconnects, full decode slots, replica death and freezing (fuzzing: test_fuzz.py).
 
-Uses the session's `server` (conftest.py). Each test prints the figure it measures; the soak test is `-m slow`.
-Every HTTP call has a client timeout, so a hung request fails the test instead of hanging it.
+Uses the session's `server` (conftest.py). Each test prints the figure it measures; the replica and soak tests are
+`-m slow`. Every HTTP call has a client timeout, so a hung request fails the test instead of hanging it. Decoder
+state that HTTP does not show (rows in the running batch, cancelled requests) is read from Ray's Prometheus
+endpoints, as an operator would.
 """
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
-import re
 import signal
+import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from serve_harness import MODEL, complete, post
+from serve_harness import MODEL, complete, post, ray_metrics
 
 pytestmark = pytest.mark.ray
 CLIENT_TIMEOUT_S = 120  # a request that takes longer than this is a hang
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit is", "1, 1, 2, 3, 5,"]
+LONG_TOKENS = 1900  # with a short prompt, nearly the whole context window: decoding it takes half a minute or more
+# The dropped row's first step, the steps while the disconnect travels client -> proxy -> ingress -> decoder (tens
+# of ms; a step takes 15-40 ms here), and the one that retires it. Decoding to the end would be LONG_TOKENS steps.
+MAX_STEPS_AFTER_DISCONNECT = 40
 
 
 def is_error_body(r: httpx.Response) -> bool:
-    body = r.json()
+    try:
+        body = r.json()
+    except ValueError:  # e.g. the proxy's plain-text 503
+        return False
     return set(body.get("error", {})) == {"message", "type", "param", "code"}
 
 
@@ -77,25 +83,193 @@ def test_request_timeout_ends_with_504(server):
     assert 3 <= took < 30
 
 
-def test_disconnect_frees_the_batch_and_spares_neighbours(server):
+def test_disconnect_frees_the_row_and_spares_neighbours(server):
+    """A client that drops its stream cancels its request: its row leaves the replica's running batch within a few
+    decode steps (it ends `cancelled`, and the `ray_medusa_running_requests` gauge returns to 0), and its neighbours'
+    text is unchanged. Rows join a running batch at any step, so a leaked row would not delay the next request; the
+    metrics show it. The dropped request decodes in plain mode, so the plain-mode counters are its own."""
     neighbours = ["The capital of France is", "1, 1, 2, 3, 5,"]
-    alone = [complete(server, p, 24)["choices"][0]["text"] for p in neighbours]
+    alone = [complete(server, p, 24) for p in neighbours]
+    before = settled(plain_counters)
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(complete, server, p, 24) for p in neighbours]
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=CLIENT_TIMEOUT_S,
-                          json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 1500,
-                                "temperature": 0, "stream": True, "medusa": {"ignore_eos": True}}) as r:
+                          json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": LONG_TOKENS,
+                                "temperature": 0, "stream": True, "medusa": {"ignore_eos": True, "mode": "plain"}}
+                          ) as r:
             assert next(r.iter_lines()).startswith("data: ")
-        together = [f.result()["choices"][0]["text"] for f in futures]
-    assert together == alone
-    # A new batch starts only when the current one ends: had the dropped request kept decoding its 1500 tokens
-    # (over a minute here), this request would wait that long.
-    after = complete(server, "Hello", 4)["medusa"]
-    print(f"disconnect: next request waited {after['queue_wait_s']:.2f} s")
-    assert after["queue_wait_s"] < 15
+        dropped = time.monotonic()
+        together = [f.result() for f in futures]
+    assert [b["choices"][0]["text"] for b in together] == [b["choices"][0]["text"] for b in alone]
+    while (rows := ray_metrics("ray_medusa_running_requests")) > 0 and time.monotonic() - dropped < 30:
+        time.sleep(0.2)
+    gone = time.monotonic() - dropped
+    while plain_counters()[0] == before[0] and time.monotonic() - dropped < 30:  # exported with the next report
+        time.sleep(0.2)
+    cancelled, steps = (a - b for a, b in zip(plain_counters(), before))
+    print(f"disconnect: the dropped row decoded {steps:g} steps in all; running rows 0 after {gone:.1f} s "
+          f"(metrics are exported every second)")
+    assert cancelled == 1, f"{cancelled:g} requests ended cancelled: the dropped stream was not cancelled"
+    assert steps <= MAX_STEPS_AFTER_DISCONNECT, f"the dropped row decoded {steps:g} steps"
+    assert rows == 0 and gone < 5, f"{rows:g} rows still decoding {gone:.1f} s after the client disconnected"
 
 
-class Load:
+def plain_counters() -> tuple[float, float]:
+    """Plain-mode requests that ended cancelled, and plain-mode decode steps, over all replicas."""
+    return (ray_metrics("ray_medusa_requests_total", mode="plain", finish_reason="cancelled"),
+            ray_metrics("ray_medusa_decode_steps_total", mode="plain"))
+
+
+def settled(read, interval_s: float = 1.2, timeout_s: float = 30):
+    """`read()` once two reads a metrics report apart agree: everything before is exported."""
+    deadline, last = time.monotonic() + timeout_s, read()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        if (now := read()) == last:
+            return now
+        last = now
+    raise AssertionError(f"metrics did not settle: {last}")
+
+
+def test_health_answers_while_every_decode_slot_is_busy(server):
+    """/health must not wait for a decode slot: with every slot of the one replica streaming a long request, it
+    still answers 200 at once."""
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
+    slots = next(d for d in server.config["applications"][0]["deployments"]
+                 if d["name"] == "Decoder")["max_ongoing_requests"]
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": LONG_TOKENS, "temperature": 0,
+            "stream": True, "medusa": {"ignore_eos": True}}
+    with Streams(server, [body] * slots) as streams:
+        streams.wait_started(slots)
+        deadline = time.monotonic() + 10
+        while ray_metrics("ray_medusa_running_requests") < slots and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray_metrics("ray_medusa_running_requests") == slots, "the decode slots did not fill"
+        took = []
+        for _ in range(5):
+            start = time.perf_counter()
+            r = httpx.get(f"{server.url}/health", timeout=30)
+            took.append(time.perf_counter() - start)
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "ok"
+    print(f"health with {slots} busy slots: {max(took) * 1000:.0f} ms at most")
+    assert max(took) < 1.0
+
+
+def test_ingress_queue_is_bounded(server):
+    """Slow-body clients fill the ingress's slots and then the proxy's queue in front of it (the shipped
+    `max_queued_requests`); further requests get Ray's proxy 503 with Retry-After at once (plain text: README
+    "Errors") instead of waiting for a slot."""
+    ingress = next(d for d in server.config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    slots, queued = ingress["max_ongoing_requests"], ingress.get("max_queued_requests", -1)
+    start, full = time.monotonic(), False
+    clients = [slow_body(server) for _ in range(slots + (queued if queued > 0 else 64))]
+    try:
+        while not full and time.monotonic() - start < 10:  # until the proxy has queued them all
+            with contextlib.suppress(httpx.TimeoutException):  # a probe that got queued leaves after 1 s
+                full = httpx.get(f"{server.url}/v1/models", timeout=1).status_code == 503
+        filled = time.monotonic() - start
+        assert full, "no 503 within 10 s: requests wait for an ingress slot without bound"
+        assert filled < ingress["user_config"]["body_timeout_s"], "the first slow bodies timed out meanwhile"
+        refused = []
+        for _ in range(4):
+            t = time.perf_counter()
+            r = httpx.get(f"{server.url}/v1/models", timeout=CLIENT_TIMEOUT_S)
+            refused.append(time.perf_counter() - t)
+            assert r.status_code == 503 and r.headers.get("retry-after") == "1", (r.status_code, r.text)
+            assert r.text.startswith("Request dropped due to backpressure"), r.text
+    finally:
+        for c in clients:
+            c.close()
+    print(f"ingress overload: {slots} + {queued} slow bodies queued in {filled:.1f} s; 503 in "
+          f"{max(refused) * 1000:.0f} ms at most")
+    assert max(refused) < 1.0
+    assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0  # the slots are free again
+
+
+def test_slow_body_gets_408_after_body_timeout(server):
+    """A client that sends part of its body gets a 408 with the error body after the Ingress's `body_timeout_s`
+    (3 s in the tests' server; the proxy would otherwise hold it for its 600-s request timeout)."""
+    timeout_s = next(d for d in server.config["applications"][0]["deployments"]
+                     if d["name"] == "Ingress")["user_config"]["body_timeout_s"]
+    start = time.perf_counter()
+    status, body = read_response(slow_body(server), timeout=timeout_s + 30)
+    took = time.perf_counter() - start
+    print(f"slow body: {status} after {took:.1f} s (body_timeout_s {timeout_s})")
+    assert status == 408 and set(body["error"]) == {"message", "type", "param", "code"}, (status, body)
+    assert body["error"]["code"] == "body_timeout" and timeout_s <= took < timeout_s + 3
+
+
+def slow_body(server) -> socket.socket:
+    """A POST that announces 100 bytes of body and sends 13 of them."""
+    host, port = server.url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"model\": \"x\"" % host.encode())
+    return s
+
+
+def read_response(s: socket.socket, timeout: float) -> tuple[int, dict]:
+    s.settimeout(timeout)
+    r = http.client.HTTPResponse(s)
+    r.begin()
+    status, body = r.status, json.loads(r.read())
+    s.close()
+    return status, body
+
+
+class Background:
+    """Threads started when the block opens; on exit they are told to stop and joined (a request holding one past
+    the client timeout is a hang)."""
+
+    threads: list[threading.Thread]
+    stop: threading.Event
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(CLIENT_TIMEOUT_S + 10)
+
+
+class Streams(Background):
+    """Streaming completions read from threads until they end or the block exits (which drops them)."""
+
+    def __init__(self, server, bodies: list[dict]) -> None:
+        self.server, self.stop = server, threading.Event()
+        self.status: list[int | None] = [None] * len(bodies)
+        self.errors: list[dict | None] = [None] * len(bodies)  # a non-200's JSON body
+        self.events: list[list] = [[] for _ in bodies]
+        self.threads = [threading.Thread(target=self._read, args=(i, b)) for i, b in enumerate(bodies)]
+
+    def _read(self, i: int, body: dict) -> None:
+        with httpx.stream("POST", f"{self.server.url}/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S) as r:
+            self.status[i] = r.status_code
+            if r.status_code != 200:
+                self.errors[i] = {"body": json.loads(r.read()), "retry_after": r.headers.get("retry-after")}
+                return
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.events[i].append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if self.stop.is_set():
+                    return
+
+    def wait_started(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(bool(e) for e in self.events) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(bool(e) for e in self.events) >= n, f"{self.status} {[len(e) for e in self.events]}"
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        assert not any(t.is_alive() for t in self.threads), "a stream hung"
+
+
+class Load(Background):
     """Closed-loop load from `workers` threads until stopped; records (status, seconds, error-body ok)."""
 
     def __init__(self, server, workers: int, max_tokens: int) -> None:
@@ -108,54 +282,65 @@ class Load:
             start = time.perf_counter()
             r = post(self.server, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[i % 4], "temperature": 0,
                                                       "max_tokens": self.max_tokens}, timeout=CLIENT_TIMEOUT_S)
-            self.results.append((r.status_code, time.perf_counter() - start, r.status_code == 200 or
-                                 is_error_body(r)))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(CLIENT_TIMEOUT_S + 10)
+            ok = r.status_code == 200 or (is_error_body(r) and (r.status_code != 503 or "retry-after" in r.headers))
+            self.results.append((r.status_code, time.perf_counter() - start, ok))
 
 
 @pytest.mark.slow  # ~1 min: a replica restart and model load
-def test_replica_kill_recovers(server):
+def test_replica_kill_fails_requests_cleanly_and_recovers(server):
+    """SIGKILL the decoder under streaming and non-streaming load. A stream that has sent its first byte ends with
+    an error event (`replica_failed`) and [DONE]; a request that has not gets a 503 `replica_failed` with
+    Retry-After; nothing gets a 500 or hangs; /health says 503 until a new replica serves."""
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
     pid = server.decoder_pids()[0]
+    long = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 1000, "temperature": 0,
+            "stream": True, "medusa": {"ignore_eos": True}}
+    # Prompts whose prefill (one step for both) is still running when the replica dies: no byte sent yet.
+    prefill = {**long, "prompt": "The quick brown fox jumps over the lazy dog. " * 150, "max_tokens": 8}
     health: list[int] = []
-    with Load(server, workers=6, max_tokens=24) as load:
-        time.sleep(3)
-        os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        recovered = None
-        while recovered is None and time.monotonic() - killed < 180:
-            health.append(httpx.get(f"{server.url}/health", timeout=30).status_code)
-            r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0},
-                     timeout=CLIENT_TIMEOUT_S)
-            recovered = time.monotonic() - killed if r.status_code == 200 else None
+    with Streams(server, [long] * 3) as decoding:
+        decoding.wait_started(3)
+        with Streams(server, [prefill, {**prefill, "stream": False}]) as prefilling, \
+                Load(server, workers=3, max_tokens=24) as load:
+            time.sleep(0.6)
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            recovered = None
+            while recovered is None and time.monotonic() - killed < 180:
+                health.append(httpx.get(f"{server.url}/health", timeout=30).status_code)
+                if health[-1] == 200 and 503 in health:  # back after the outage: it must serve
+                    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                                         "temperature": 0}, timeout=CLIENT_TIMEOUT_S)
+                    recovered = time.monotonic() - killed if r.status_code == 200 else None
+                time.sleep(0.5)
     codes = [c for c, _, _ in load.results]
-    print(f"replica kill: recovered in {recovered} s; load saw {len(codes)} requests, "
-          f"{sum(c != 200 for c in codes)} errors {sorted(set(codes))}; health {health[:8]}...")
-    assert recovered is not None and recovered < 180
-    assert all(ok for _, _, ok in load.results), "an error without the OpenAI error body"
-    assert set(codes) <= {200, 500, 503} and max(t for _, t, _ in load.results) < CLIENT_TIMEOUT_S
+    print(f"replica kill: recovered in {recovered} s; prefilling {prefilling.status}; load saw {len(codes)} "
+          f"requests, codes {sorted(set(codes))}; /health in order: {health}")
+    for events in decoding.events:  # had their first byte: an error event, then [DONE]
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "replica_failed", events[-3:]
+        assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
+    for status, error in zip(prefilling.status, prefilling.errors):  # no byte yet: a clean 503
+        assert status == 503 and error["retry_after"] and error["body"]["error"]["code"] == "replica_failed", \
+            (status, error)
     assert 503 in health, "/health never said the decoder was gone"
+    assert recovered is not None and recovered < 180
+    assert all(ok for _, _, ok in load.results), "an error without the OpenAI error body and Retry-After"
+    assert set(codes) <= {200, 503} and max(t for _, t, _ in load.results) < CLIENT_TIMEOUT_S
     assert pid not in server.decoder_pids()
 
 
 @pytest.mark.slow  # ~1 min: a health-check timeout, a replica restart and model load
 def test_unresponsive_replica_is_replaced(server):
     """A decoder that stops answering (SIGSTOP: a wedged native call looks the same) fails Ray's health check and is
-    replaced; meanwhile /health says 503."""
+    replaced; from the failed check until the new replica runs /health says 503."""
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
     pid = server.decoder_pids()[0]
     os.kill(pid, signal.SIGSTOP)
     try:
         stopped = time.monotonic()
+        while httpx.get(f"{server.url}/health", timeout=30).status_code == 200 and time.monotonic() - stopped < 60:
+            time.sleep(0.5)
+        print(f"/health said 503 {time.monotonic() - stopped:.1f} s after the replica stopped")
         assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
         while pid in server.decoder_pids() and time.monotonic() - stopped < 120:
             time.sleep(1)
@@ -168,64 +353,33 @@ def test_unresponsive_replica_is_replaced(server):
     print(f"unresponsive replica replaced and serving after {time.monotonic() - stopped:.0f} s")
 
 
-def test_schemathesis_negative_fuzz(server):
-    """Schemathesis generates invalid requests from the app's own OpenAPI schema: every one must get a 4xx."""
-    st = Path(sys.executable).parent / "st"
-    config = Path(__file__).parent / "schemathesis.toml"
-    run = subprocess.run([str(st), "--config-file", str(config), "run", f"{server.url}/openapi.json", "--mode",
-                          "negative", "--max-examples", "30", "--checks", "not_a_server_error,negative_data_rejection",
-                          "--request-timeout", "60", "--no-color"], capture_output=True, text=True, timeout=900)
-    tail = run.stdout[-3000:]
-    assert run.returncode == 0, tail
-    generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", run.stdout).groups())
-    print(f"schemathesis: {generated} cases generated, {passed} passed (4xx)")
-    assert generated == passed > 100
-    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=50),
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3), max_leaves=8)
-FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "stream", "seed", "n",
-          "medusa", "max_length", "mode", "bogus"]
-
-
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate", "/compare"]),
-       body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | JSON_VALUES)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_hypothesis_json_fuzz_gets_4xx(server, path, body):
-    """Arbitrary JSON (wrong types, huge numbers, unicode, nesting, unknown fields) on every POST route: 4xx."""
-    if isinstance(body, dict) and "max_tokens" not in body and "max_length" not in body:
-        body["max_tokens"] = -1  # keep every case invalid: a valid request would just decode
-    r = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers={"content-type": "application/json"},
-                   timeout=CLIENT_TIMEOUT_S)
-    assert 400 <= r.status_code < 500 and is_error_body(r), (r.status_code, r.text[:300])
-
-
 @pytest.mark.slow
 def test_soak_1000_requests(server):
-    """1,000 mixed requests at concurrency 8: none lost or hung, greedy ones equal the request sent alone."""
+    """1,000 mixed requests at concurrency 8 (greedy and seeded sampling, streamed or not, medusa and plain, with
+    the server's fixed tree so Medusa speculates): none lost or hung, each equals the same request sent alone."""
     kinds = [dict(prompt=p, max_tokens=n, medusa={"mode": m}) for p in PROMPTS for n in (4, 16) for m in
              ("medusa", "plain")]
-    alone = {i: complete(server, **k)["choices"][0]["text"] for i, k in enumerate(kinds)}
+    alone = {(i, sampled): complete(server, **k, **({"temperature": 0.8, "seed": i} if sampled else {}))
+             for i, k in enumerate(kinds) for sampled in (False, True)}
+    assert sum(sum(b["medusa"]["accept_len_histogram"][1:]) for b in alone.values()) > 0, "Medusa never speculated"
+    alone = {key: b["choices"][0]["text"] for key, b in alone.items()}
     rss0 = _replica_rss(server)
 
-    def send(j: int) -> tuple[int, int, dict]:
+    def send(j: int) -> tuple[tuple[int, bool], int, str]:
         i, sampled, stream = j % len(kinds), j % 5 == 0, j % 3 == 0
-        body = {"model": MODEL, **kinds[i], "temperature": 0.8 if sampled else 0, "seed": j, "stream": stream}
+        body = {"model": MODEL, **kinds[i], "temperature": 0.8 if sampled else 0, "seed": i, "stream": stream}
         r = post(server, "/v1/completions", body, timeout=CLIENT_TIMEOUT_S)
         text = _stream_text(r) if stream and r.status_code == 200 else r.json().get("choices", [{}])[0].get("text")
-        return i, r.status_code, {"sampled": sampled, "text": text}
+        return (i, sampled), r.status_code, text
 
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(send, range(1000)))
     codes = [c for _, c, _ in results]
-    mismatched = [i for i, c, r in results if c == 200 and not r["sampled"] and r["text"] != alone[i]]
+    mismatched = [key for key, c, text in results if c == 200 and text != alone[key]]
     rss1 = _replica_rss(server)
     print(f"soak: {len(results)} requests in {time.monotonic() - start:.0f} s, codes {sorted(set(codes))}, "
-          f"{sum(c != 200 for c in codes)} errors, 0 lost, {len(mismatched)} greedy mismatches, replica RSS "
+          f"{sum(c != 200 for c in codes)} errors, 0 lost, {len(mismatched)} differ from alone, replica RSS "
           f"{rss0} -> {rss1} MiB")
     assert len(results) == 1000 and set(codes) <= {200, 503} and not mismatched
     assert all(b < 2 * a + 512 for a, b in zip(rss0, rss1)), (rss0, rss1)

@@ -20,12 +20,20 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit i
            "Water boils at", "The opposite of hot is", "import os\nimport", "Roses are red,"]
 
 
+def speculated(body: dict) -> int:
+    """Decode steps of a response that accepted at least one speculated token."""
+    return sum(body["medusa"]["accept_len_histogram"][1:])
+
+
 def test_completion_greedy_equals_cli(server):
+    """HTTP and the CLI on the same model config (the server's: the served one with its chain fixed, so Medusa
+    speculates): the same text, token counts, and speculation seen in the stats."""
     prompt = "The capital of France is"
-    body = complete(server, prompt, 24)
-    cli = subprocess.run([sys.executable, "-m", "medusa_core", "generate", "--config", SERVED_CONFIG, "--prompt",
-                          prompt, "--max-tokens", "24", "--json"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    body = complete(server, prompt, 32)
+    config = server.config["applications"][0]["args"]["config"]
+    cli = subprocess.run([sys.executable, "-m", "medusa_core", "generate", "--config", config, "--prompt",
+                          prompt, "--max-tokens", "32", "--json"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     assert cli.returncode == 0, cli.stderr
     want = json.loads(cli.stdout.strip().splitlines()[-1])
     assert body["choices"][0]["text"] == want["text"]
@@ -33,8 +41,31 @@ def test_completion_greedy_equals_cli(server):
     assert body["usage"]["completion_tokens"] == want["stats"]["generated_tokens"]
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     stats = body["medusa"]
-    assert stats["mode"] == "medusa" and stats["decode_steps"] >= 1 and stats["mean_accepted_length"] >= 1
+    assert stats["mode"] == "medusa" and stats["decode_steps"] >= 1
+    assert speculated(body) > 0 and stats["mean_accepted_length"] > 1, stats
+    assert stats["accept_len_histogram"] == want["stats"]["accept_len_histogram"]
     assert stats["time_to_first_token_s"] > 0 and stats["tokens_per_second"] > 0
+
+
+def test_seeded_sampling_is_reproducible_alone_batched_and_plain(server):
+    """Five identical seeded chat requests at temperature 0.8 (the default rule), sent together, one sent alone, and
+    one in plain mode: the same text every time (before keyed sampling: 4 different texts of 5)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about autumn."}],
+            "max_tokens": 32, "temperature": 0.8, "seed": 7}
+
+    def chat(extra: dict) -> dict:
+        r = post(server, "/v1/chat/completions", {**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(chat, [{}] * 5))
+    runs = together + [chat({}), chat({"medusa": {"mode": "plain"}})]
+    texts = {r["choices"][0]["message"]["content"] for r in runs}
+    assert len(texts) == 1, texts
+    assert max(r["medusa"]["batch_size"] for r in together) > 1
+    assert sum(speculated(r) for r in together) > 0, "no sampled step accepted a speculated token"
+    assert chat({"seed": 8})["choices"][0]["message"]["content"] not in texts
 
 
 def test_plain_mode_gives_the_same_greedy_text(server):
@@ -103,11 +134,13 @@ def test_concurrent_requests_are_batched_and_equal_alone(server):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda p: complete(server, p, 24), PROMPTS))
     assert max(b["medusa"]["batch_size"] for b in together) > 1, [b["medusa"]["batch_size"] for b in together]
+    assert sum(speculated(b) for b in together) > 0, "batched rows never accepted a speculated token"
     for prompt, b in zip(PROMPTS, together):
         alone = complete(server, prompt, 24)
         assert alone["choices"][0]["text"] == b["choices"][0]["text"], prompt
 
 
+@pytest.mark.slow  # ~200 s: 8 x 1,000 tokens with the chain fixed
 def test_long_requests_never_fail_for_kv_space(server):
     """8 requests of ~900 prompt tokens and 1,000 new tokens at once on the served default: each row has its own KV
     stream of the context window, so all of them end 200 with every token (before: HTTP 500, KV cache full)."""
@@ -135,6 +168,21 @@ def test_batch_size_beyond_the_reserved_rows_is_a_config_error():
     assert checked_options({"max_batch_size": 64}, None).max_batch_size == 64  # transformers: no fixed rows
     with pytest.raises(ValueError, match=r"max_batch_size=16 .*n_seq_max"):
         checked_options({"max_batch_size": 16}, 8)
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_scaling_down_never_cuts_a_request_short(path):
+    """A replica being scaled down has graceful_shutdown_timeout_s to finish the requests it holds, and a request
+    may decode for up to the Decoder's request_timeout_s: a shorter grace period loses requests in flight (seen: 8
+    long requests got 503 replica_failed when a downscaled replica was force-killed after 30 s)."""
+    import yaml
+
+    from deployments.decoder import DecoderOptions
+
+    cfg = yaml.safe_load((REPO / path).read_text())
+    decoder = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Decoder")
+    timeout = DecoderOptions(**decoder.get("user_config", {})).request_timeout_s
+    assert decoder["graceful_shutdown_timeout_s"] > timeout, (decoder["graceful_shutdown_timeout_s"], timeout)
 
 
 M = MODEL.encode()
@@ -206,6 +254,7 @@ def test_batch_knobs_apply_live_through_user_config(server):
     assert max(sizes) > 1 and set(server.decoder_pids()) & set(pids)
 
 
+@pytest.mark.slow  # ~35 s: two redeploys and a model load
 def test_transformers_backend_serves_when_the_config_selects_it(server):
     """The same app on the reference backend (torch), whose Medusa trees pay on this CPU: batched == alone == plain,
     and with the shipped heads some steps accept more than one token."""
@@ -225,6 +274,7 @@ def test_transformers_backend_serves_when_the_config_selects_it(server):
         server.redeploy({})
 
 
+@pytest.mark.slow  # ~60 s: sustained load, a replica start, the downscale delay
 def test_autoscaling_up_under_load_and_back_down(server):
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}, "earlier tests' load did not drain"
     stop_at = time.monotonic() + 120

@@ -81,12 +81,38 @@ def test_typical_rejects_when_flat_and_below_epsilon():
     assert not ok[0, 1:].any()
 
 
+@pytest.mark.parametrize("root_a,want", [(2.0, ([0, 2, 5, 0], 2, 4)), (3.0, ([0, 1, 3, 6], 2, 5))])
+def test_typical_step_accepts_the_likeliest_of_the_longest_paths(root_a, want):
+    """accept() end to end with the typical rule: a and b both pass the root's threshold; each accepts one child
+    (aa, ba), aaa is rejected; the tie at length 2 goes to the path with the higher log-likelihood, and the bonus is
+    sampled at its last node (peaked there, so the sample is known)."""
+    logits = torch.zeros(1, TREE.num_nodes, V)
+    logits[0, 0, 1], logits[0, 0, 2] = root_a, 2.5  # root: p(a) vs p(b)
+    logits[0, 1, 3] = 4.0  # a: aa likely
+    logits[0, 2, 6] = 4.0  # b: ba likely
+    logits[0, 3, 5] = 50.0  # aa: certain of 5, so aaa (token 7) is rejected; bonus 5 on path a
+    logits[0, 5, 4] = 50.0  # ba (leaf): certain of 4: bonus 4 on path b
+    tokens = torch.tensor([[5, 1, 2, 3, 4, 6, 7]])
+    params = [SamplingParams(temperature=1.0, seed=3, acceptance="typical")]
+    acc = accept(tokens, logits, TREE, params, seeds=[3], positions=[10], speculate=torch.tensor([True]),
+                 epsilon=0.09, alpha=0.3)
+    assert (acc.nodes[0].tolist(), int(acc.accept_len[0]), int(acc.bonus[0])) == want
+
+
+def test_typical_step_rejects_unlikely_candidates_and_samples_at_the_root():
+    logits = torch.zeros(1, TREE.num_nodes, V)
+    logits[0, 0, 0] = 8.0  # root peaked on 0 (proposed by no child): p(a), p(b) << epsilon
+    acc = accept(torch.tensor([[5, 1, 2, 3, 4, 6, 7]]), logits, TREE, [SamplingParams(1.0, acceptance="typical")],
+                 seeds=[0], positions=[10], speculate=torch.tensor([True]), epsilon=0.09, alpha=0.3)
+    assert int(acc.accept_len[0]) == 0 and acc.nodes[0, 0] == 0
+
+
 def test_walk_tree_follows_samples():
     # Peaked distributions make sampling deterministic: root -> b (token 2) -> ba (6) -> stop with bonus 3.
     logits = logits_for([2, 0, 6, 0, 0, 3, 0], peak=50.0)[0]
     tokens = torch.tensor([5, 1, 2, 3, 4, 6, 7])
     p = SamplingParams(temperature=1.0, acceptance="lossless", seed=0)
-    path, bonus = walk_tree(tokens, logits, TREE, p, p.generator())
+    path, bonus = walk_tree(tokens, logits, TREE, p, seed=0, position=10)
     assert (path, bonus) == ([2, 5], 3)
 
 
@@ -94,7 +120,7 @@ def test_accept_mixed_rows_and_plain_row():
     tokens = torch.tensor([[5, 1, 2, 3, 4, 6, 7]] * 2)
     logits = torch.cat([logits_for([1, 3, 6, 7, 0, 0, 4])] * 2)
     params = [SamplingParams(), SamplingParams()]
-    acc = accept(tokens, logits, TREE, params, [p.generator() for p in params],
+    acc = accept(tokens, logits, TREE, params, seeds=[0, 0], positions=[10, 10],
                  speculate=torch.tensor([True, False]), epsilon=0.09, alpha=0.3)
     assert acc.accept_len.tolist() == [3, 0]
     assert acc.bonus.tolist() == [4, 1]  # row 0: argmax at node 6; row 1 (plain): argmax at the root
