@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"generate": generate, "prepare": prepare, "convert": convert, "train": commands.train_command,
-         "eval": commands.eval_command, "tune-tree": commands.tune_tree_command}[args.command](args)
+         "eval": commands.eval_command, "tune-tree": commands.tune_tree_command,
+         "replies": commands.replies_command}[args.command](args)
     except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct"
+DEFAULT_REPLIES = "heads/smollm2-135m-instruct/replies"
 
 
 def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
@@ -28,7 +29,12 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     tr.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     tr.add_argument("--root-conditioned", action="store_true",
                     help="heads also read the root token (the base model's choice at t); an extension of the format")
-    tr.add_argument("--targets", choices=["self", "dataset"], default="self")
+    tr.add_argument("--sequential", action="store_true",
+                    help="Hydra-style: head k also reads the draft before its own (implies --root-conditioned)")
+    tr.add_argument("--targets", choices=["self", "dataset", "soft"], default="self",
+                    help="base model argmax, text tokens, or the base model's whole distribution")
+    tr.add_argument("--max-hours", type=float, default=None,
+                    help="stop (checkpointed, resumable) after this much training time; the heads are written")
     tr.add_argument("--vocab", choices=["batch", "full"], default="batch", help="softmax over batch candidates or all")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch", type=int, default=256, help="positions per step (per worker)")
@@ -37,6 +43,18 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     tr.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     tr.add_argument("--ray-workers", type=int, default=0, help="train data-parallel on N Ray Train workers")
     tr.add_argument("--gpu", action="store_true", help="Ray workers use one GPU each (NCCL)")
+    rp = sub.add_parser("replies", help="answer ShareGPT conversations with the base model itself, kept as token "
+                        "ids (the self-distillation data); resumes at the first missing shard")
+    rp.add_argument("--config", default="configs/smollm2-135m-llamacpp.yaml", help="model config that answers")
+    rp.add_argument("--out", default=DEFAULT_REPLIES, help="folder of reply shards")
+    rp.add_argument("--train-tokens", type=int, default=5_000_000, help="reply tokens to store for training")
+    rp.add_argument("--eval-tokens", type=int, default=40_000, help="reply tokens to store for held-out evaluation")
+    rp.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (later turns are dropped)")
+    rp.add_argument("--max-reply", type=int, default=256, help="tokens per reply")
+    rp.add_argument("--rows", type=int, default=8, help="conversations decoded at once (llama.cpp: its n_seq_max)")
+    rp.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the config's)")
+    rp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="transformers backend: weights dtype (default: the config's)")
     ev = sub.add_parser("eval", help="per-head accuracy, accepted length and tokens/s per tree")
     _common(ev, default_config)
     ev.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
@@ -61,7 +79,8 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (longer ones are cut)")
     p.add_argument("--eval-tokens", type=int, default=30_000, help="tokens of held-out text to cache")
     p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
-                   help="ShareGPT replies as written, or the base model's own greedy replies to ShareGPT prompts")
+                   help="ShareGPT replies as written, or the base model's own greedy replies (`replies` shards)")
+    p.add_argument("--replies", default=DEFAULT_REPLIES, help="reply shards for --data generated")
 
 
 def config_and_backend(config_path: str):
@@ -82,25 +101,36 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     from medusa_core.config import resolve_repo_path
     from medusa_core.distill import HiddenCache
 
+    from medusa_core import replies
+    from medusa_core.distill import build_cache
+
     budget = args.eval_tokens if held_out else args.train_tokens
     folder = resolve_repo_path(args.cache_dir) / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
     shards, paths, pool = [], [], None
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
-        if not path.is_file():
-            pool = pool or _sequences(backend, args, held_out, data, skip=len(paths) * shard)
+        if not path.is_file() and data == "generated":  # prefill of the stored replies: no decoding
+            source = replies.shard_path(resolve_repo_path(args.replies), held_out, len(paths))
+            if not source.is_file():
+                print(f"{source.parent} holds {len(paths)} {'held-out' if held_out else 'train'} reply shards; "
+                      f"`python -m medusa_core replies` makes more")
+                break
+            sequences = [s for s in replies.load_shard(source) if s.ids]
+            build_cache(backend, sequences, desc=f"shard {len(paths)}").save(path)
+        elif not path.is_file():
+            pool = pool or _sequences(backend, args, held_out, skip=len(paths) * shard)
             chunk = list(itertools.islice(pool, shard))
             if not chunk:
                 print(f"the {'held-out' if held_out else 'held-in'} split ran out at {len(paths)} shards")
                 break
-            _build_shard(backend, chunk, data, args.max_seq, f"shard {len(paths)}").save(path)
+            build_cache(backend, chunk, desc=f"shard {len(paths)}").save(path)
         shards.append(HiddenCache.load(path, shards[0].lm_head if shards else None))  # one lm_head in memory
         paths.append(path)
     return HiddenCache.concat(shards), paths
 
 
-def _sequences(backend, args, held_out: bool, data: str, skip: int) -> Iterator:
-    """The split's usable sequences in a fixed order (whole conversations, or first-turn prompts), after `skip`."""
+def _conversations(held_out: bool) -> list:
+    """The split's conversations in their fixed order."""
     from medusa_core import data as sharegpt
 
     conversations, report = sharegpt.read_sharegpt()
@@ -108,27 +138,40 @@ def _sequences(backend, args, held_out: bool, data: str, skip: int) -> Iterator:
           f"{report.unusable} without a user->assistant exchange, {report.kept} kept")
     held_in, held_out_convs = sharegpt.split(conversations)
     print(f"split: {len(held_in)} held-in, {len(held_out_convs)} held-out conversations")
-    tok = backend.tokenizer
-    for conv in held_out_convs if held_out else held_in:
-        if data == "sharegpt":
-            seq = sharegpt.encode_conversation(tok, conv.messages, args.max_seq)
-            usable = any(seq.assistant)
-        else:
-            ids = sharegpt.first_turn_prompt(tok, conv, args.max_seq // 2)
-            usable, seq = ids is not None, sharegpt.Encoded(ids or [], [False] * len(ids or []))
-        if usable and skip > 0:
+    return held_out_convs if held_out else held_in
+
+
+def _sequences(backend, args, held_out: bool, skip: int) -> Iterator:
+    """The split's usable conversations as written, encoded, in a fixed order, after `skip`."""
+    from medusa_core import data as sharegpt
+
+    for conv in _conversations(held_out):
+        seq = sharegpt.encode_conversation(backend.tokenizer, conv.messages, args.max_seq)
+        if any(seq.assistant) and skip > 0:
             skip -= 1
-        elif usable:
+        elif any(seq.assistant):
             yield seq
 
 
-def _build_shard(backend, sequences: list, data: str, max_seq: int, desc: str):
-    from medusa_core.distill import build_cache, self_generated
+def replies_command(args: argparse.Namespace) -> None:
+    from medusa_core import replies
+    from medusa_core.backends import load_backend
+    from medusa_core.config import load_config, resolve_repo_path
 
-    if data == "generated":
-        sequences = self_generated(backend, [s.ids for s in sequences], max_seq // 2, batch=32,
-                                   desc=f"{desc}: generating replies")
-    return build_cache(backend, sequences, desc=f"{desc}: caching hidden states")
+    config = load_config(args.config)
+    base = config.base_model
+    llamacpp = {"n_seq_max": args.rows} | ({"n_threads": args.threads} if args.threads else {})
+    base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update=llamacpp)} if base.backend ==
+                           "llamacpp" else {"dtype": args.dtype or base.dtype})
+    backend = load_backend(base)
+    out = resolve_repo_path(args.out)
+    source = {"model": config.name, "backend": base.backend, "max_seq": args.max_seq, "max_reply": args.max_reply,
+              "weights": base.llamacpp.requantize or base.gguf_file if base.backend == "llamacpp" else base.dtype}
+    replies.check_source(out, source)
+    for held_out, budget in ((True, args.eval_tokens), (False, args.train_tokens)):
+        stored = replies.build(backend, iter(_conversations(held_out)), out, held_out, budget, args.max_seq,
+                               args.max_reply, rows=args.rows)
+        print(f"{out}: {stored} {'held-out' if held_out else 'train'} reply tokens")
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -137,7 +180,8 @@ def train_command(args: argparse.Namespace) -> None:
 
     config, backend = config_and_backend(args.config)
     cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
-    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers, root_conditioned=args.root_conditioned,
+    cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers,
+                      root_conditioned=args.root_conditioned or args.sequential, sequential=args.sequential,
                       targets=args.targets, vocab=args.vocab, steps=args.steps, batch_positions=args.batch,
                       lr=args.lr, seed=args.seed)
     print(f"training on {cache.num_tokens} cached tokens ({int(cache.assistant.sum())} assistant): {cfg}")
@@ -149,7 +193,8 @@ def train_command(args: argparse.Namespace) -> None:
         heads = train_ray(cache_paths, cfg, args.out, args.ray_workers, args.gpu)
         seconds, losses = time.perf_counter() - start, []
     else:
-        result = train(cache, cfg, args.out, resume=not args.no_resume)
+        max_seconds = None if args.max_hours is None else args.max_hours * 3600
+        result = train(cache, cfg, args.out, resume=not args.no_resume, max_seconds=max_seconds)
         heads, seconds, losses = result.heads, result.seconds, result.losses
     heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)

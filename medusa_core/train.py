@@ -2,7 +2,9 @@
 
 Loss = sum_k 0.8^k * CE_k, head k (0-based) at position t predicting token t+k+2, on assistant tokens only; AdamW,
 lr 1e-3, cosine schedule with 10 % linear warm-up. Targets are the base model's own argmax ("self", the
-self-distillation of the Medusa paper) or the text's tokens ("dataset"); see `distill.HiddenCache.targets`.
+self-distillation of the Medusa paper), the text's tokens ("dataset"; see `distill.HiddenCache.targets`) or the base
+model's whole distribution for token t+k+2 ("soft": cross-entropy against softmax(lm_head(hidden at t+k+1)), which
+the cache holds for free, so a head also learns how sure the base model is and what its runners-up are).
 
 `vocab="batch"` restricts each step's softmax to the batch's candidate tokens: the union of the base model's top-k
 (`candidates`) predictions at every target position of the batch (which contains every "self" target). The heads then learn to
@@ -40,7 +42,8 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1  # ResBlocks per head
     root_conditioned: bool = False  # heads also read the root token (see heads.py)
-    targets: Literal["self", "dataset"] = "self"
+    sequential: bool = False  # head k also reads the token before its target (Hydra-style; see heads.py)
+    targets: Literal["self", "dataset", "soft"] = "self"
     vocab: Literal["full", "batch"] = "batch"
     steps: int = 1000
     batch_positions: int = 256  # positions per step (per worker); each trains all K heads
@@ -69,27 +72,32 @@ def loss_positions(cache: HiddenCache) -> Tensor:
 
 
 def cached_head_hidden(heads: MedusaHeads, cache: HiddenCache, positions: Tensor) -> Tensor:
-    """Per-head hidden states [N, K, H] at cached positions [N] (with each position's root, for root-conditioned
-    heads): what training and evaluation feed the lm_head."""
+    """Per-head hidden states [N, K, H] at cached positions [N] (with each position's root, and for sequential
+    heads the base model's own token before each head's target): what training and evaluation feed the lm_head."""
     root_rows = cache.root_rows(positions) if heads.root is not None else None  # [N, H]
-    return heads.head_hidden(cache.hidden[positions].float(), root_rows)
+    prev_rows = None
+    if heads.prev is not None:  # head k's previous token is the base model's argmax at t+k (k = 0: the root)
+        at = (positions[:, None] + torch.arange(heads.num_heads)[None, :]).clamp(max=cache.num_tokens - 1)
+        prev_rows = cache.lm_head[cache.top_ids[at, 0]]  # [N, K, H]
+    return heads.head_hidden(cache.hidden[positions].float(), root_rows, prev_rows)
 
 
 def head_loss(heads: MedusaHeads, cache: HiddenCache, positions: Tensor, cfg: TrainConfig) -> Tensor:
     """The weighted Medusa loss for a batch of positions [N]."""
-    target, valid = cache.targets(positions, cfg.num_heads, cfg.targets)  # [N, K]
+    target, valid = cache.targets(positions, cfg.num_heads, "self" if cfg.targets == "soft" else cfg.targets)  # [N, K]
     x = cached_head_hidden(heads, cache, positions)  # [N, K, H]
-    if cfg.vocab == "full":
-        vocab_ids = None
-        logits = x @ cache.lm_head.T  # [N, K, V]
-    else:
-        at = (positions[:, None] + torch.arange(cfg.num_heads)[None, :] + 1).clamp(max=cache.num_tokens - 1)
+    at = (positions[:, None] + torch.arange(cfg.num_heads)[None, :] + 1).clamp(max=cache.num_tokens - 1)  # [N, K]
+    vocab = cache.lm_head
+    if cfg.vocab == "batch":
         vocab_ids, inverse = torch.unique(torch.cat([cache.top_ids[at, : cfg.candidates].flatten(), target.flatten()]),
                                           return_inverse=True)  # [C]
         target = inverse[-target.numel():].view_as(target)  # targets as indices into vocab_ids
-        logits = x @ cache.lm_head[vocab_ids].T  # [N, K, C]
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-    ce = ce.view_as(target) * valid  # [N, K]
+        vocab = cache.lm_head[vocab_ids]  # [C, H]
+    logits = x @ vocab.T  # [N, K, C or V]
+    if cfg.targets == "soft":  # the base model's distribution over the same vocabulary, at t+k+1
+        target = torch.softmax(cache.hidden[at].float() @ vocab.T, dim=-1)  # [N, K, C or V]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), reduction="none")
+    ce = ce.view_as(valid) * valid  # [N, K]
     weights = cfg.head_decay ** torch.arange(cfg.num_heads, dtype=torch.float32)  # [K]
     per_head = ce.sum(0) / valid.sum(0).clamp(min=1)  # [K]
     return (per_head * weights).sum()
@@ -104,12 +112,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def new_heads(cfg: TrainConfig, hidden: int) -> MedusaHeads:
     """Version-2 heads (shared lm_head), `num_layers` ResBlocks each, zero-initialised like the reference."""
-    return MedusaHeads(cfg.num_heads, cfg.num_layers, hidden, vocab=None, root_conditioned=cfg.root_conditioned)
+    return MedusaHeads(cfg.num_heads, cfg.num_layers, hidden, vocab=None,
+                       root_conditioned=cfg.root_conditioned or cfg.sequential, sequential=cfg.sequential)
 
 
 def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = True,
-          stop_after: int | None = None, rank: int = 0, world: int = 1) -> TrainResult:
-    """Train from scratch, or from out_dir/checkpoint.pt when resume is set; `stop_after` simulates a kill."""
+          stop_after: int | None = None, rank: int = 0, world: int = 1,
+          max_seconds: float | None = None) -> TrainResult:
+    """Train from scratch, or from out_dir/checkpoint.pt when resume is set; `stop_after` simulates a kill.
+    `max_seconds` of training time (resumed runs included) ends the run early, checkpointed, to resume later."""
     torch.manual_seed(cfg.seed)
     heads = new_heads(cfg, cache.hidden.shape[1])
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -124,6 +135,9 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
     start = time.perf_counter() - spent
     bar = tqdm(total=cfg.steps, initial=step, desc=f"training {cfg.num_heads} heads", disable=rank != 0)
     while step < cfg.steps and (stop_after is None or step < stop_after):
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            print(f"time budget spent at step {step} of {cfg.steps}; run again to resume")
+            break
         positions = pool[torch.randint(len(pool), (cfg.batch_positions,), generator=sampler)]
         loss = head_loss(heads, cache, positions, cfg)
         opt.zero_grad(set_to_none=True)
@@ -136,7 +150,8 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
             _save_checkpoint(ckpt, heads, opt, sched, sampler, step, losses, time.perf_counter() - start, cfg)
     bar.close()
     return TrainResult(heads.requires_grad_(False), losses, step, time.perf_counter() - start)

@@ -138,8 +138,20 @@ def llama_reference(gguf_path, settings, n_ctx: int):
     """llama-cpp-python's own `Llama` on a GGUF file with a backend's context settings and every position's logits:
     shares no code with our llama.cpp backend (its own context, batch and decode loop)."""
     import llama_cpp
+    from llama_cpp import llama_cpp as lib
 
     kv = 1 if settings.kv_type == "f16" else 0
-    return llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                           n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
-                           flash_attn=settings.flash_attn, type_k=kv, type_v=kv, logits_all=True, verbose=False)
+    defaults = lib.llama_model_default_params
+
+    def plain_buffers():  # as our backend loads a model: no AMX or repacked weights (see backends/llamacpp.py)
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                               n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                               flash_attn=settings.flash_attn, type_k=kv, type_v=kv, logits_all=True, verbose=False)
+    finally:
+        lib.llama_model_default_params = defaults

@@ -41,9 +41,9 @@ def test_plain_equals_transformers_generate(setup, embedded_reference):
 # `-m slow` runs the whole grid. The shipped heads have their own default test (test_shipped_heads.py).
 SLOW = ({("trained", t) for t in TREES} | {(h, "mc_sim_7b_63") for h in ("random", "oracle_to_depth_1")}
         | {("oracle_to_depth_2", t) for t in ("mc_16", "mc_sim_7b_63")} | {("random", "chain_4")}
-        | {("random_rooted", t) for t in ("mc_16", "mc_sim_7b_63")})
+        | {(h, t) for h in ("random_rooted", "random_sequential") for t in ("mc_16", "mc_sim_7b_63")})
 GRID = [pytest.param(h, t, marks=[pytest.mark.slow] if (h, t) in SLOW else [])
-        for t in TREES for h in ["random", "random_rooted", "trained", "oracle", "oracle_to_depth_1",
+        for t in TREES for h in ["random", "random_rooted", "random_sequential", "trained", "oracle", "oracle_to_depth_1",
                                  "oracle_to_depth_2"]]
 
 
@@ -53,7 +53,7 @@ def test_medusa_equals_plain(setup, tree_name, heads):
     tree = build_tree_buffers(preset_paths(tree_name), top_k=10)
     if heads.startswith("random"):  # built here: the embedded config ships trained heads
         drafter = random_heads(4, gen.backend.hidden_size, seed=0, scale=0.02, dtype=gen.backend.dtype,
-                               root_conditioned=heads == "random_rooted")
+                               root_conditioned=heads == "random_rooted", sequential=heads == "random_sequential")
     elif heads == "trained":
         drafter = gen.drafter
     else:

@@ -137,6 +137,38 @@ def test_root_conditioned_heads_round_trip_and_read_the_root(tmp_path, fmt):
         again.logits(hidden, None, lm.lm_head)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_sequential_heads_round_trip_and_draft_depth_by_depth(tmp_path, fmt):
+    heads = random_heads(3, H, seed=4, scale=0.5, dtype=torch.float32, sequential=True)
+    save_heads(heads, tmp_path / "h", base_model="tiny", fmt=fmt)
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["sequential"] is True
+    again = load_heads(tmp_path / "h", H, V)
+    assert torch.equal(again.prev, heads.prev) and torch.equal(again.root, heads.root)
+    lm, hidden, roots = TinyLmHead(), torch.randn(16, H), torch.arange(16) % V
+    drafted = again.draft(hidden, roots, [[]] * 16, 3, 4, lm)  # [B, 3, 4]
+    previous = roots
+    for k in range(3):  # head k's guesses follow from the top-1 guess before it (the root for head 0)
+        logits = again.logits(hidden, lm.lm_head_rows(roots), lm.lm_head, k + 1, lm.lm_head_rows(previous)[:, None],
+                              first=k)
+        assert torch.equal(drafted[:, k : k + 1], logits.topk(4, dim=-1).indices)
+        previous = drafted[:, k, 0]
+    shifted = again.logits(hidden, lm.lm_head_rows(roots), lm.lm_head, 3, lm.lm_head_rows((previous + 1) % V)[:, None],
+                           first=2)
+    assert not torch.allclose(shifted, logits)  # the previous draft changes the guess
+    with pytest.raises(ValueError, match="previous token"):
+        again.logits(hidden, lm.lm_head_rows(roots), lm.lm_head)
+    with pytest.raises(ValueError, match="root_conditioned"):
+        MedusaHeads(2, 1, H, None, sequential=True)
+
+
+def test_sequential_weights_must_cover_every_head(tmp_path):
+    sd = published(2, legacy=False, dtype=torch.float32)
+    sd |= {"0.root.weight": torch.zeros(H, H), "1.root.weight": torch.zeros(H, H), "0.prev.weight": torch.zeros(H, H)}
+    write(tmp_path / "h", sd, "safetensors")
+    with pytest.raises(HeadsFormatError, match="1.prev.weight"):
+        load_heads(tmp_path / "h", H, V)
+
+
 def test_root_weights_must_cover_every_head(tmp_path):
     sd = published(3, legacy=False, dtype=torch.float32)
     sd["0.root.weight"] = torch.zeros(H, H)  # heads 1 and 2 lack theirs

@@ -1,4 +1,6 @@
 """Training on a tiny random Llama: the loss drops, checkpoints reload bit-identically and resume, Ray Train runs."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,6 +29,16 @@ def cache(tiny_backend) -> HiddenCache:
 def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"num_heads": 3, "steps": 100, "batch_positions": 64, "lr": 2e-2, "checkpoint_every": 10,
                           **kw})
+
+
+def soft_floor(cache, positions, c: TrainConfig) -> float:
+    """The least soft loss: the weighted entropy of the base model's distribution at each head's target."""
+    _, valid = cache.targets(positions, c.num_heads, "self")
+    at = positions[:, None] + torch.arange(c.num_heads)[None, :] + 1
+    p = torch.softmax(cache.hidden[at].float() @ cache.lm_head.T, -1)  # [N, K, V]
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [N, K]
+    per_head = (entropy * valid).sum(0) / valid.sum(0)
+    return float((per_head * c.head_decay ** torch.arange(c.num_heads)).sum())
 
 
 def test_cache_layout(cache, tiny_backend):
@@ -64,14 +76,18 @@ def test_a_cache_folder_keeps_one_lm_head(cache, tmp_path):
         HiddenCache.load(tmp_path / "shard-0003.pt")
 
 
-@pytest.mark.parametrize("targets,vocab,layers,root", [("self", "batch", 1, False), ("dataset", "full", 1, False),
-                                                      ("self", "batch", 2, False), ("self", "batch", 2, True)])
-def test_training_lowers_the_loss(cache, targets, vocab, layers, root, tmp_path):
-    c = cfg(targets=targets, vocab=vocab, num_layers=layers, root_conditioned=root)
+@pytest.mark.parametrize("targets,vocab,layers,root,sequential", [
+    ("self", "batch", 1, False, False), ("dataset", "full", 1, False, False), ("self", "batch", 2, False, False),
+    ("self", "batch", 2, True, False), ("soft", "batch", 1, True, False), ("soft", "full", 1, False, False),
+    ("self", "batch", 1, True, True), ("soft", "batch", 1, True, True)])
+def test_training_lowers_the_loss(cache, targets, vocab, layers, root, sequential, tmp_path):
+    c = cfg(targets=targets, vocab=vocab, num_layers=layers, root_conditioned=root, sequential=sequential)
     probe = loss_positions(cache)[:200]
-    before = float(head_loss(new_heads(c, 64), cache, probe, c).detach())
+    scored = replace(c, vocab="full")  # soft targets: the loss above its floor (the base model's entropy) is the KL
+    floor = soft_floor(cache, probe, c) if targets == "soft" else 0.0
+    before = float(head_loss(new_heads(c, 64), cache, probe, scored).detach()) - floor
     result = train(cache, c)
-    after = float(head_loss(result.heads, cache, probe, c))
+    after = float(head_loss(result.heads, cache, probe, scored)) - floor
     assert after < 0.7 * before, (before, after)
     save_heads(result.heads, tmp_path, "tiny")  # every layer round-trips through the published layout
     loaded = load_heads(tmp_path, 64, 256)
@@ -80,6 +96,56 @@ def test_training_lowers_the_loss(cache, targets, vocab, layers, root, tmp_path)
         assert result.heads.root.abs().sum() > 0 and torch.equal(loaded.root, result.heads.root)
     else:
         assert loaded.root is None
+    if sequential:
+        assert result.heads.prev.abs().sum() > 0 and torch.equal(loaded.prev, result.heads.prev)
+    else:
+        assert loaded.prev is None
+
+
+def test_soft_targets_are_the_base_models_distribution_at_the_next_position(cache):
+    """With the full vocabulary, the soft loss minus the hard one is the base model's entropy gap: the loss of heads
+    that output exactly the base model's logits at t+k+1 equals that distribution's entropy (its minimum)."""
+    c = cfg(targets="soft", vocab="full", num_heads=1)
+    pos = loss_positions(cache)[:50]
+
+    class Oracle(torch.nn.Module):  # head 0 at t outputs the hidden state at t+1: the base model's own logits
+        num_heads, root, prev = 1, None, None
+
+        def head_hidden(self, hidden, root_rows=None, prev_rows=None):
+            return cache.hidden[pos + 1].float()[:, None]
+
+    p = torch.softmax(cache.hidden[pos + 1].float() @ cache.lm_head.T, -1)  # [N, V]
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [N]
+    _, valid = cache.targets(pos, 1, "self")
+    want = float(entropy[valid[:, 0]].mean())
+    assert abs(float(head_loss(Oracle(), cache, pos, c)) - want) < 1e-4
+    assert float(head_loss(new_heads(c, 64), cache, pos, c)) > want + 0.1  # identity heads are worse
+
+
+def test_sequential_heads_read_the_base_models_own_previous_token(cache):
+    """Training feeds head k the base model's argmax at t+k (teacher forcing); drafting feeds it head k-1's top-1.
+    Where the drafts follow the base model's path, the two give the same head hidden states."""
+    heads = train(cache, cfg(steps=40, sequential=True, root_conditioned=True)).heads
+    pos = loss_positions(cache)[:8]
+    from medusa_core.train import cached_head_hidden
+
+    taught = cached_head_hidden(heads, cache, pos)  # [N, K, H]
+    for k in range(heads.num_heads):
+        prev = cache.top_ids[pos + k, 0]
+        alone = heads.head_hidden(cache.hidden[pos].float(), cache.root_rows(pos), cache.lm_head[prev][:, None],
+                                  depth=k + 1, first=k)
+        torch.testing.assert_close(alone[:, 0], taught[:, k])
+    other = heads.head_hidden(cache.hidden[pos].float(), cache.root_rows(pos), cache.lm_head[prev * 0 + 11][:, None],
+                              depth=heads.num_heads, first=heads.num_heads - 1)
+    assert not torch.allclose(other[:, 0], taught[:, -1])  # the previous token does reach the head
+
+
+def test_a_time_budget_stops_checkpointed_and_resumes(cache, tmp_path):
+    c = cfg(steps=400, checkpoint_every=1000)
+    short = train(cache, c, tmp_path, max_seconds=0.5)
+    assert 0 < short.steps < c.steps
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == short.steps  # saved where it stopped
+    assert train(cache, c, tmp_path).steps == c.steps
 
 
 def test_checkpoint_resume_is_bit_identical(cache, tmp_path):

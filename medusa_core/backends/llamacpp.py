@@ -85,7 +85,11 @@ class LlamaCppBackend:
             set_llama_log()
         self.lc, self.settings, self.tokenizer, self.gguf_path = lc, settings, tokenizer, gguf_path
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), lc.llama_model_default_params())
+        params = lc.llama_model_default_params()
+        # No extra weight buffers (AMX, repacked layouts): llama.cpp's AMX matmul crashes on Sapphire Rapids
+        # (ggml-org/llama.cpp#20824), and the plain kernels give the same sums on every x86 machine (docs/design.md).
+        params.use_extra_bufts = False
+        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), params)
         if not self.model:
             raise FileNotFoundError(f"llama.cpp could not load {gguf_path}")
         n_train = lc.llama_model_n_ctx_train(self.model)

@@ -1,0 +1,192 @@
+"""Self-distilled training text: ShareGPT conversations answered, turn by turn, by the base model itself.
+
+Medusa's self-distillation (paper, section 3.2.1) trains the heads on the base model's own replies, so the hidden
+states they learn from are the ones they meet when serving. `answer` keeps the user turns of a conversation and
+replaces every assistant turn with the base model's greedy reply, the earlier replies in context, until the
+conversation or `max_seq` tokens run out. Rows decode in one continuously refilled batch (a finished turn makes
+room for the next turn or conversation at once), through any backend; the llama.cpp backend is the fast one here.
+
+The replies are kept as token ids (the vocabulary fits uint16), in compressed shards of SHARD conversations taken
+in the split's fixed order: `python -m medusa_core replies` resumes at the first missing shard, and a new machine
+rebuilds the hidden-state cache from the shards by prefill alone (`commands.load_or_build_cache`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medusa_core.backends import Backend
+from medusa_core.data import Conversation, Encoded, encode_conversation
+from medusa_core.decode import Batch, DecodeRequest, admit, advance, retire
+
+SHARD = 64  # conversations per shard
+MIN_REPLY = 16  # a turn is answered only when at least this many reply tokens fit in max_seq
+
+
+@dataclass
+class _Dialogue:
+    """One conversation being answered: the user turns still to come, the messages so far (text, for the chat
+    template) and the token ids the model has seen and written (its KV context)."""
+
+    user_turns: list[str]
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str = ""  # what `ids` decode to, in the chat template's terms
+    ids: list[int] = field(default_factory=list)
+    assistant: list[bool] = field(default_factory=list)
+
+
+def check_source(folder: Path, source: dict) -> None:
+    """Shards of one folder come from one model and setting: the first run records them (source.json), later runs
+    must match, so a resumed build never mixes replies of two models."""
+    path = folder / "source.json"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(source, indent=2) + "\n")
+    elif (kept := json.loads(path.read_text())) != source:
+        raise ValueError(f"{folder} holds replies made with {kept}, not {source}; use another --out")
+
+
+def shard_path(folder: str | Path, held_out: bool, index: int) -> Path:
+    return Path(folder) / f"{'heldout' if held_out else 'train'}-{index:04d}.npz"
+
+
+def save_shard(path: Path, sequences: list[Encoded]) -> None:
+    """Token ids (uint16), assistant mask and sequence offsets, compressed; written whole or not at all."""
+    ids = np.array([t for s in sequences for t in s.ids], dtype=np.int64)
+    if len(ids) and ids.max() >= 2**16:
+        raise ValueError("token ids above 65,535 do not fit the uint16 reply shards")
+    offsets = np.cumsum([0] + [len(s.ids) for s in sequences])
+    assistant = np.array([a for s in sequences for a in s.assistant], dtype=bool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, ids=ids.astype(np.uint16), assistant=np.packbits(assistant), offsets=offsets)
+    os.replace(tmp, path)  # a kill mid-write leaves no half shard behind
+
+
+def load_shard(path: Path) -> list[Encoded]:
+    with np.load(path) as f:
+        ids, offsets = f["ids"].astype(np.int64), f["offsets"]
+        assistant = np.unpackbits(f["assistant"], count=len(ids)).astype(bool)
+    return [Encoded(ids[a:b].tolist(), assistant[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def reply_tokens(sequences: list[Encoded]) -> int:
+    return sum(sum(s.assistant) for s in sequences)
+
+
+def answer(backend: Backend, conversations: list[Conversation], max_seq: int, max_reply: int,
+           bar: tqdm | None = None, rows: int = 8) -> list[Encoded]:
+    """Every assistant turn replaced by the base model's greedy reply (earlier replies in context), one sequence per
+    conversation in input order (empty where not even the first reply fits): each holds exactly the ids the model
+    read and wrote, its replies (and end-of-turn tokens) marked."""
+    tok = backend.tokenizer
+    dialogues = [_Dialogue([m["content"] for m in c.messages if m["role"] == "user"]) for c in conversations]
+    waiting = list(range(len(dialogues)))[::-1]  # a stack: conversations still to start, first on top
+    rows = min(rows, backend.max_rows or rows)
+    burst = max(1, rows // 8)  # rows join and leave the batch this many at a time: each join or leave copies caches
+    batch: Batch | None = None
+    turns: dict[int, tuple[int, list[int]]] = {}  # batch key -> (conversation, reply so far); a key per turn
+    ended: set[int] = set()  # turns that ended but still hold a row (decoding on, ignored) until a burst is out
+    while waiting or batch is not None:
+        new: dict[int, DecodeRequest] = {}
+        room = rows - (len(batch.rows) if batch else 0)
+        while waiting and room - len(new) >= (1 if new else min(burst, len(waiting))) and len(new) < room:
+            conversation = waiting.pop()
+            if (request := _next_turn(tok, dialogues[conversation], max_seq, max_reply)) is not None:
+                key = len(turns)
+                new[key], turns[key] = request, (conversation, [])
+        if new:
+            batch, events = admit(backend, batch, new)
+        elif batch is None:
+            continue
+        else:
+            batch, events = advance(backend, None, None, batch)
+        for e in events:
+            if e.request in ended:
+                continue
+            conversation, reply = turns[e.request]
+            reply += e.tokens
+            if bar is not None:
+                bar.update(len(e.tokens))
+            if e.finish_reason is not None:  # plain decoding: a stopped row's last token is the one that stopped it
+                end = [batch.rows[batch.keys.index(e.request)].history[-1]] if e.finish_reason == "stop" else []
+                _end_turn(tok, dialogues[conversation], reply, end)
+                waiting.append(conversation)  # its next turn goes next, while its context is fresh
+                ended.add(e.request)
+        if len(ended) >= min(burst, len(batch.rows)):
+            batch, _ = retire(backend, batch, lambda key: False)
+            ended.clear()
+    return [Encoded(d.ids, d.assistant) if any(d.assistant) else Encoded([], []) for d in dialogues]
+
+
+def _next_turn(tok, d: _Dialogue, max_seq: int, max_reply: int) -> DecodeRequest | None:
+    """The next user turn appended to the dialogue's ids, as a request; None when the conversation is over or the
+    next reply would not fit in max_seq."""
+    if not d.user_turns:
+        return None
+    messages = d.messages + [{"role": "user", "content": d.user_turns.pop(0)}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not text.startswith(d.text):  # the template rewrote an earlier turn: the context would not be what we read
+        d.user_turns.clear()
+        return None
+    new = tok.encode(text[len(d.text):], add_special_tokens=False)
+    room = max_seq - len(d.ids) - len(new) - 1  # the end-of-turn token counts too
+    if room < MIN_REPLY:
+        d.user_turns.clear()
+        return None
+    d.messages, d.text = messages, text
+    d.ids, d.assistant = d.ids + new, d.assistant + [False] * len(new)
+    return DecodeRequest(tuple(d.ids), min(max_reply, room), speculate=False)
+
+
+def _end_turn(tok, d: _Dialogue, reply: list[int], end: list[int]) -> None:
+    """Record a finished reply: its tokens, and the end-of-turn token the model chose if it stopped itself."""
+    content = tok.decode(reply, skip_special_tokens=True)
+    d.messages = d.messages + [{"role": "assistant", "content": content}]
+    d.text += tok.decode(reply + end, skip_special_tokens=False)
+    d.ids, d.assistant = d.ids + reply + end, d.assistant + [True] * (len(reply) + len(end))
+
+
+def build(backend: Backend, conversations: Iterator[Conversation], folder: str | Path, held_out: bool,
+          budget: int, max_seq: int, max_reply: int, shard: int = SHARD, rows: int = 8) -> int:
+    """Answer conversations into shards until `budget` reply tokens are stored (existing shards count and are kept).
+    Returns the reply tokens stored."""
+    index, stored = 0, 0
+    while shard_path(folder, held_out, index).is_file():
+        stored += reply_tokens(load_shard(shard_path(folder, held_out, index)))
+        index += 1
+    skip = index * shard
+    bar = tqdm(total=budget, initial=min(stored, budget), desc=f"{'held-out' if held_out else 'train'} replies",
+               unit="tok", smoothing=0.05)
+    # Conversations answered in one batch, which drains only at the group's end (held-out: small budgets, one shard).
+    group = shard if held_out else shard * max(1, rows // 8)
+    pending: list[Conversation] = []
+    for i, conversation in enumerate(conversations):
+        if stored >= budget:
+            break
+        if i < skip:
+            continue
+        pending.append(conversation)
+        if len(pending) == group:
+            stored, index = _save_group(backend, pending, folder, held_out, index, shard, max_seq, max_reply, bar,
+                                        rows, stored)
+            pending = []
+    bar.close()
+    return stored
+
+
+def _save_group(backend: Backend, conversations: list[Conversation], folder, held_out: bool, index: int, shard: int,
+                max_seq: int, max_reply: int, bar: tqdm, rows: int, stored: int) -> tuple[int, int]:
+    """Answer a group of whole shards in one batch and save them in order; returns (stored, next index)."""
+    answered = answer(backend, conversations, max_seq, max_reply, bar, rows)
+    for start in range(0, len(conversations), shard):
+        part = answered[start : start + shard]
+        save_shard(shard_path(folder, held_out, index), part)
+        stored, index = stored + reply_tokens(part), index + 1
+    return stored, index

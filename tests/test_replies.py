@@ -1,0 +1,148 @@
+"""Self-distilled replies: the base model's own greedy answers, turn by turn, kept as uint16 shards that resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from equivalence import MAX_NEAR_TIES, llama_reference, llama_scorer, near_ties
+from medusa_core import replies
+from medusa_core.config import REPO_ROOT, load_config
+from medusa_core.data import Conversation, Encoded
+
+pytest.importorskip("llama_cpp")
+
+CONFIG = REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml"
+TURNS = [["What is a good name for a goldfish?", "Why that one?"],
+         ["Say hello in French."],
+         ["Name a primary color.", "Name another.", "And a third?"],
+         ["Write one line about the sea."],
+         ["What is two plus two?", "And times three?"]]
+
+
+def conversation(i: int, users: list[str]) -> Conversation:
+    messages = []
+    for u in users:  # the assistant turns are placeholders: `answer` replaces them with the model's own
+        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": "(written reply)"}]
+    return Conversation(str(i), tuple(messages))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The embedded GGUF as shipped on llama.cpp, with room for 2 rows only: five conversations make the batch
+    refill as turns end."""
+    from medusa_core.backends.llamacpp import LlamaCppBackend
+    from medusa_core.generator import load_generator
+
+    config = load_config(CONFIG)
+    settings = config.base_model.llamacpp.model_copy(update={"n_threads": 1, "requantize": None})
+    config = config.model_copy(update={"base_model": config.base_model.model_copy(update={"llamacpp": settings})})
+    gen = load_generator(config)
+    return LlamaCppBackend(gen.backend.gguf_path, settings.model_copy(update={"n_seq_max": 2}),
+                           tokenizer=gen.tokenizer, context_length=256)
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "hf"])
+def case(request, backend, embedded_generator, embedded_scorer):
+    """(backend, rows, independent scorer, answers): llama.cpp with 2 rows, and the transformers backend with 16 rows,
+    where rows join and leave 2 at a time (an ended turn keeps its row, ignored, until a second one ends)."""
+    if request.param == "llamacpp":
+        return backend, 2, llama_scorer(llama_reference(backend.gguf_path, backend.settings, 512)), answer_all(backend)
+    hf = embedded_generator.backend
+    return hf, 16, embedded_scorer, answer_all(hf, rows=16)
+
+
+def answer_all(backend, max_seq=160, max_reply=20, rows=8):
+    return replies.answer(backend, [conversation(i, t) for i, t in enumerate(TURNS)], max_seq, max_reply, rows=rows)
+
+
+def spans(seq: Encoded) -> list[tuple[int, int]]:
+    """(start, end) of each run of assistant tokens."""
+    out, start = [], None
+    for i, a in enumerate(seq.assistant + [False]):
+        if a and start is None:
+            start = i
+        elif not a and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_every_reply_is_the_models_greedy_reply_in_its_context(case):
+    """An independent reference (llama-cpp-python's own Llama; an unpatched fp32 transformers model) reads each stored
+    conversation: every reply token is its argmax given everything before it (earlier replies included), up to
+    capped near-ties."""
+    _, _, score, answered = case
+    ties = 0
+    for i, seq in enumerate(answered):
+        for a, b in spans(seq):
+            ties += near_ties(score, seq.ids[:a], seq.ids[a:b], f"conversation {i} reply at {a}")
+    assert ties <= MAX_NEAR_TIES
+
+
+def test_conversations_keep_their_user_turns_in_order_and_fit(case):
+    backend, rows, _, answered = case
+    assert len(answered) == len(TURNS)
+    for seq, users in zip(answered, TURNS):
+        assert len(seq.ids) <= 160 and len(seq.ids) == len(seq.assistant)
+        text = backend.tokenizer.decode(seq.ids)
+        where = [text.index(u) for u in users]
+        assert where == sorted(where)
+        assert len(spans(seq)) == len(users)  # every turn answered (the replies are short enough to fit)
+        assert all(b - a <= 20 + 1 for a, b in spans(seq))  # max_reply tokens and the end-of-turn token
+    assert answer_all(backend, rows=rows) == answered  # greedy and deterministic: the same shards on every run
+
+
+def test_a_conversation_ends_where_the_next_reply_would_not_fit(backend):
+    short = replies.answer(backend, [conversation(0, TURNS[2])], max_seq=60, max_reply=20)
+    assert len(short) == 1 and len(short[0].ids) <= 60 and 1 <= len(spans(short[0])) < 3
+
+
+def test_shards_round_trip_as_uint16_and_refuse_wider_ids(tmp_path):
+    seqs = [Encoded([1, 65535, 7], [False, True, True]), Encoded([], []), Encoded([4] * 9, [True] * 9)]
+    path = tmp_path / "train-0000.npz"
+    replies.save_shard(path, seqs)
+    assert replies.load_shard(path) == seqs
+    with np.load(path) as f:
+        assert f["ids"].dtype == np.uint16
+    with pytest.raises(ValueError, match="uint16"):
+        replies.save_shard(tmp_path / "wide.npz", [Encoded([65536], [True])])
+    assert not (tmp_path / "wide.npz").exists()
+
+
+def test_build_resumes_at_the_first_missing_shard(backend, tmp_path):
+    convs = [conversation(i, t) for i, t in enumerate(TURNS)]
+    small = replies.build(backend, iter(convs), tmp_path, False, budget=1, max_seq=96, max_reply=8, shard=2)
+    assert small > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz"]
+    first = (tmp_path / "train-0000.npz").stat().st_mtime_ns
+    more = replies.build(backend, iter(convs), tmp_path, False, budget=10_000, max_seq=96, max_reply=8, shard=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz", "train-0001.npz"]  # 5th: partial shard
+    assert (tmp_path / "train-0000.npz").stat().st_mtime_ns == first  # kept, not answered again
+    alone = replies.answer(backend, convs[2:4], 96, 8)
+    assert replies.load_shard(tmp_path / "train-0001.npz") == alone  # shard 1 is conversations 2 and 3
+    assert more == small + replies.reply_tokens(alone)
+
+
+def test_chat_prompts_were_never_training_data():
+    """The benchmark's everyday prompts must be new to the heads: none occurs in ShareGPT (held-in or not)."""
+    from medusa_core.data import sharegpt_path
+
+    prompts = json.loads((REPO_ROOT / "benchmarks" / "data" / "chat_prompts.json").read_text())["prompts"]
+    assert len(prompts) >= 30 and len(set(prompts)) == len(prompts)
+    text = sharegpt_path().read_text(encoding="utf-8").lower()
+    assert [p for p in prompts if p.lower() in text] == []
+
+
+def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedded_generator):
+    """`--data generated` builds the hidden-state cache from the stored ids alone (no decoding)."""
+    import types
+
+    from medusa_core.commands import load_or_build_cache
+
+    seqs = [Encoded([1, 2, 3, 4, 5, 6], [False, False, True, True, True, True]), Encoded([9, 8, 7], [False] * 3)]
+    replies.save_shard(replies.shard_path(tmp_path / "r", False, 0), seqs)
+    args = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), max_seq=512, train_tokens=1_000, eval_tokens=0,
+                                 replies=str(tmp_path / "r"))
+    cache, paths = load_or_build_cache(embedded_generator.backend, args, held_out=False, data="generated")
+    assert len(paths) == 1 and sorted(cache.tokens.tolist()) == sorted(s for q in seqs for s in q.ids)
+    assert int(cache.assistant.sum()) == 4 and torch.isfinite(cache.hidden.float()).all()
