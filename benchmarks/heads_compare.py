@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import types
 from dataclasses import asdict
@@ -58,6 +59,7 @@ def main() -> None:
     _, hf = config_and_backend("configs/smollm2-135m.yaml")  # fp32: the hidden states the heads learn from
     heldout = _cache(hf, args, held_out=True, tokens=40_000)[0]
     served_config, served = config_and_backend(args.served)
+    torch.set_num_threads(os.cpu_count() or 1)  # the served config sets torch to 1 thread (llama.cpp has the rest)
     prompt_sets = _prompt_sets(served, args.prompts)
     rows = []
     for tokens in args.train_tokens:
