@@ -7,8 +7,8 @@ prediction of token t+k+2), the text's own tokens (dataset targets) and the assi
 lm_head is stored too, once per cache folder (`lm_head.pt` beside the shards), so training needs no base model at
 all (and Ray workers load only these files).
 
-`self_generated` makes the text itself come from the base model (greedy replies to held-in prompts), the Medusa
-paper's self-distillation data: then hidden states at training time look like those the heads see when decoding.
+The text itself can come from the base model (`replies.py`: its own greedy replies), the Medusa paper's
+self-distillation data: then hidden states at training time look like those the heads see when decoding.
 
 Differences from FasterDecoding/Medusa: the reference runs the frozen base model on every training step; caching
 makes a CPU run affordable (one forward pass per token instead of one per token per epoch).
@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from medusa_core.backends import Backend
 from medusa_core.data import Encoded
-from medusa_core.decode import DecodeRequest, decode
 
 LM_HEAD_FILE = "lm_head.pt"
 
@@ -149,23 +148,3 @@ def build_cache(backend: Backend, sequences: list[Encoded], top_k: int = 8, batc
         seq_end=torch.repeat_interleave(ends, lengths),
         lm_head=backend.model.lm_head.weight.detach().float().cpu().clone(),
     )
-
-
-def self_generated(backend: Backend, prompts: list[list[int]], max_new_tokens: int, batch: int = 16,
-                   desc: str = "generating replies") -> list[Encoded]:
-    """The base model's own greedy replies to the prompts; the reply (and its end-of-turn token) is the loss part."""
-    out: list[Encoded] = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        replies: list[list[int]] = [[] for _ in chunk]
-        requests = [DecodeRequest(tuple(p), max_new_tokens, speculate=False) for p in chunk]
-        for events in decode(backend, None, None, requests):
-            for e in events:
-                replies[e.request] += e.tokens
-                if e.finish_reason == "stop":
-                    replies[e.request].append(backend.tokenizer.eos_token_id)
-        out += [Encoded(list(p) + r, [False] * len(p) + [True] * len(r)) for p, r in zip(chunk, replies)]
-        bar.update(len(chunk))
-    bar.close()
-    return out

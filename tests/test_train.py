@@ -203,18 +203,3 @@ def test_rank_histogram_counts_targets_beyond_head_vocab_as_misses(cache):
     reachable = ((target < cut_at) & valid).sum(0) / valid.sum(0)  # [K]
     torch.testing.assert_close(cut.sum(1), reachable)  # every reachable target has some rank below 60
     assert bool((cut.sum(1) < full.sum(1) - 0.05).all())
-
-
-def test_self_generated_replies_equal_decoding_alone(tiny_backend):
-    """Generated training data: 5 prompts through 2 rows (finished rows take the next prompt) give each prompt the
-    reply it gets decoded alone, marked as the loss part."""
-    from medusa_core.decode import DecodeRequest, decode
-    from medusa_core.distill import self_generated
-
-    prompts = [[1 + i, 2 + 3 * i, 5] * (1 + i % 3) for i in range(5)]
-    got = self_generated(tiny_backend, prompts, 7, batch=2)
-    for p, enc in zip(prompts, got):
-        alone = [t for events in decode(tiny_backend, None, None, [DecodeRequest(tuple(p), 7, speculate=False)])
-                 for e in events for t in e.tokens]
-        assert enc.ids == p + alone and len(alone) == 7
-        assert enc.assistant == [False] * len(p) + [True] * 7
