@@ -1,8 +1,8 @@
 """The `train`, `eval` and `tune-tree` subcommands: data -> cache -> heads -> measurements -> tree.
 
-Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), one folder per split, data
-and length, in shards of SHARD conversations: training, evaluation and tuning reuse one expensive pass over the base
-model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its finished
+Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), one folder per split,
+data and length, in shards of `replies.SHARD` conversations: training, evaluation and tuning reuse one expensive pass
+over the base model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its finished
 shards. A heads folder gets `training.json` and `evaluation.json` next to the weights, and its README.md model card
 is rendered from both.
 """
@@ -92,18 +92,18 @@ def config_and_backend(config_path: str):
     return config, load_backend(config.base_model)
 
 
-SHARD = 64  # conversations per cache shard: a bigger budget adds shards, an interrupted build resumes at a shard
-
-
-def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int = SHARD):
-    """Load or build the held-in or held-out cache: shards of `shard` conversations until the token budget is met
-    (`args`: cache_dir, max_seq, train_tokens or eval_tokens). Returns the joined cache and its shard files."""
+def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int | None = None):
+    """Load or build the held-in or held-out cache: shards of `shard` conversations (default `replies.SHARD`: cache
+    shard i is reply shard i) until the token budget is met (`args`: cache_dir, max_seq, train_tokens or
+    eval_tokens); a bigger budget adds shards, an interrupted build resumes at a shard. Returns the joined cache and
+    its shard files."""
     from medusa_core.config import resolve_repo_path
     from medusa_core.distill import HiddenCache
 
     from medusa_core import replies
     from medusa_core.distill import build_cache
 
+    shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
     folder = resolve_repo_path(args.cache_dir) / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
     shards, paths, pool = [], [], None

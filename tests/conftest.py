@@ -94,7 +94,9 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("serve")
     cfg = serve_config(8123, config=str(fixed_tree_config(folder)), decoder={
-        "max_queued_requests": 4,
+        # Room for every request the replica-kill test has in flight at once (3 streams, 2 prefills, 3 load
+        # workers) while the router still probes the replica: a tighter queue refuses some of them `queue_full`.
+        "max_queued_requests": 8,
         "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
         "health_check_period_s": 2,
         "health_check_timeout_s": 5,

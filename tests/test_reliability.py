@@ -45,6 +45,7 @@ def test_overload_answers_503_fast_and_admitted_requests_finish(server):
     # Long enough that admitted requests take several times what the ingress needs to refuse 40 connections on two
     # cores (~2 s for the last one), so a refusal that waited for decoding would show.
     n_tokens = 48
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}  # not one still starting after earlier tests
 
     def send(i: int) -> tuple[httpx.Response, float]:
         start = time.perf_counter()
@@ -57,7 +58,11 @@ def test_overload_answers_503_fast_and_admitted_requests_finish(server):
         results = list(pool.map(send, range(40)))
     codes = [r.status_code for r, _ in results]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 1 and codes.count(200) >= 8, codes
+    # At least the router's queue is admitted; how many more reach a replica slot before it fills depends on how
+    # fast the router hears back from the replica, which is slow on a busy two-core machine.
+    queued = next(d for d in server.config["applications"][0]["deployments"]
+                  if d["name"] == "Decoder")["max_queued_requests"]
+    assert codes.count(503) >= 1 and codes.count(200) >= queued, codes
     busy = sorted(t for r, t in results if r.status_code == 503)
     served = sorted(t for r, t in results if r.status_code == 200)
     p99 = busy[min(len(busy) - 1, int(0.99 * len(busy)))]
