@@ -161,14 +161,15 @@ class HFBackend:
         new_lens = cache.lens + keep_len.cpu()
         B, Dp1 = nodes.shape
         src = (cache.tree_start + nodes).to(self.device)  # [B, D+1] slots of the path's nodes
-        # Destinations never reach past the tree slots (len_b <= tree_start, D+1 <= T), and the gather copies
-        # before the scatter writes, so overlapping ranges are safe. Slots past keep_len get stale copies.
+        # Destinations never reach past the tree slots (len_b <= tree_start, D+1 <= T), and the right-hand side is
+        # copied out before the write, so overlapping ranges are safe. Slots past keep_len get stale copies.
+        # Indexing writes only the D+1 slots in place; scatter_ on the sliced (non-contiguous) cache copied it whole.
         dst = (cache.lens[:, None] + torch.arange(Dp1)[None, :]).to(self.device)  # [B, D+1]
+        rows = torch.arange(B, device=self.device)[:, None]
         for layer in cache.kv.layers:
             for name in ("keys", "values"):
                 x = getattr(layer, name)  # [B, Hkv, S+T, Dh]
-                shape = (B, x.shape[1], Dp1, x.shape[3])
-                x.scatter_(2, dst[:, None, :, None].expand(shape), x.gather(2, src[:, None, :, None].expand(shape)))
+                x[rows, :, dst] = x[rows, :, src]  # [B, D+1, Hkv, Dh] on both sides
                 setattr(layer, name, x[:, :, : int(new_lens.max())])
         cache.lens, cache.tree_start = new_lens, None
 
