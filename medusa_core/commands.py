@@ -2,9 +2,9 @@
 
 Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), one folder per split,
 data and length, in shards of `replies.SHARD` conversations: training, evaluation and tuning reuse one expensive pass
-over the base model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its finished
-shards. A heads folder gets `training.json` and `evaluation.json` next to the weights, and its README.md model card
-is rendered from both.
+over the base model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its
+finished shards. A heads folder gets `training.json` and `evaluation.json` next to the weights, and its README.md
+model card is rendered from both.
 """
 from __future__ import annotations
 

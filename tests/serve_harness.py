@@ -61,10 +61,15 @@ def serve_config(port: int, decoder: dict | None = None, config: str | None = No
     return _with_options(_with_options(cfg, "Decoder", decoder or {}), "Ingress", ingress or {})
 
 
-def _with_options(cfg: dict, deployment: str, options: dict) -> dict:
+def deployment(cfg: dict, name: str) -> dict:
+    """The settings of the deployment called `name` in a serve config."""
+    return next(d for d in cfg["applications"][0]["deployments"] if d["name"] == name)
+
+
+def _with_options(cfg: dict, name: str, options: dict) -> dict:
     """A copy of `cfg` with the named deployment's settings updated from `options` (dicts merged one level deep)."""
     cfg = copy.deepcopy(cfg)
-    dep = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == deployment)
+    dep = deployment(cfg, name)
     for key, value in options.items():
         dep[key] = {**dep[key], **value} if isinstance(value, dict) and key in dep else value
     return cfg

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_harness import MODEL, complete, post, ray_metrics
+from serve_harness import MODEL, complete, deployment, post, ray_metrics
 
 pytestmark = pytest.mark.ray
 CLIENT_TIMEOUT_S = 120  # a request that takes longer than this is a hang
@@ -60,8 +60,7 @@ def test_overload_answers_503_fast_and_admitted_requests_finish(server):
     assert set(codes) <= {200, 503}, codes
     # At least the router's queue is admitted; how many more reach a replica slot before it fills depends on how
     # fast the router hears back from the replica, which is slow on a busy two-core machine.
-    queued = next(d for d in server.config["applications"][0]["deployments"]
-                  if d["name"] == "Decoder")["max_queued_requests"]
+    queued = deployment(server.config, "Decoder")["max_queued_requests"]
     assert codes.count(503) >= 1 and codes.count(200) >= queued, codes
     busy = sorted(t for r, t in results if r.status_code == 503)
     served = sorted(t for r, t in results if r.status_code == 200)
@@ -140,8 +139,7 @@ def test_health_answers_while_every_decode_slot_is_busy(server):
     """/health must not wait for a decode slot: with every slot of the one replica streaming a long request, it
     still answers 200 at once."""
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
-    slots = next(d for d in server.config["applications"][0]["deployments"]
-                 if d["name"] == "Decoder")["max_ongoing_requests"]
+    slots = deployment(server.config, "Decoder")["max_ongoing_requests"]
     body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": LONG_TOKENS, "temperature": 0,
             "stream": True, "medusa": {"ignore_eos": True}}
     with Streams(server, [body] * slots) as streams:
@@ -165,7 +163,7 @@ def test_ingress_queue_is_bounded(server):
     """Slow-body clients fill the ingress's slots and then the proxy's queue in front of it (the shipped
     `max_queued_requests`); further requests get Ray's proxy 503 with Retry-After at once (plain text: README
     "Errors") instead of waiting for a slot."""
-    ingress = next(d for d in server.config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress = deployment(server.config, "Ingress")
     slots, queued = ingress["max_ongoing_requests"], ingress.get("max_queued_requests", -1)
     start, full = time.monotonic(), False
     clients = [slow_body(server) for _ in range(slots + (queued if queued > 0 else 64))]
@@ -195,8 +193,7 @@ def test_ingress_queue_is_bounded(server):
 def test_slow_body_gets_408_after_body_timeout(server):
     """A client that sends part of its body gets a 408 with the error body after the Ingress's `body_timeout_s`
     (3 s in the tests' server; the proxy would otherwise hold it for its 600-s request timeout)."""
-    timeout_s = next(d for d in server.config["applications"][0]["deployments"]
-                     if d["name"] == "Ingress")["user_config"]["body_timeout_s"]
+    timeout_s = deployment(server.config, "Ingress")["user_config"]["body_timeout_s"]
     start = time.perf_counter()
     status, body = read_response(slow_body(server), timeout=timeout_s + 30)
     took = time.perf_counter() - start

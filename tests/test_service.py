@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_harness import MODEL, REPO, SERVED_CONFIG, complete, post
+from serve_harness import MODEL, REPO, SERVED_CONFIG, complete, deployment, post
 
 pytestmark = pytest.mark.ray
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "My favourite fruit is", "1, 1, 2, 3, 5,",
@@ -184,7 +184,7 @@ def test_scaling_down_never_cuts_a_request_short(path):
     from deployments.decoder import DecoderOptions
 
     cfg = yaml.safe_load((REPO / path).read_text())
-    decoder = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Decoder")
+    decoder = deployment(cfg, "Decoder")
     timeout = DecoderOptions(**decoder.get("user_config", {})).request_timeout_s
     assert decoder["graceful_shutdown_timeout_s"] > timeout, (decoder["graceful_shutdown_timeout_s"], timeout)
 
