@@ -100,7 +100,9 @@ def server(tmp_path_factory):
         "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
         "health_check_period_s": 2,
         "health_check_timeout_s": 5,
-    }, ingress={"user_config": {"body_timeout_s": 3}})
+    # The body timeout is the window in which test_ingress_queue_is_bounded must fill 320 ingress places with slow
+    # bodies before the first ones time out and free theirs; under 1 s here, but it was over 3 s on a CI machine.
+    }, ingress={"user_config": {"body_timeout_s": 10}})
     s = start_server(cfg, folder)
     yield s
     s.stop()
