@@ -27,12 +27,12 @@ from tqdm import tqdm
 from medusa_core.adaptive import calibrate, shipped_prior
 from medusa_core.backends.hf import resolve_source
 from medusa_core.config import LookupConfig, load_config, resolve_repo_path
-from medusa_core.evaluate import top2_gap
+from medusa_core.tools.evaluate import top2_gap
 from medusa_core.generator import MedusaGenerator, TextRequest, load_generator, shipped_accuracy
 from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
-from medusa_core.tune_tree import fastest_in_turns
+from medusa_core.timing import fastest_in_turns
 
 from cost_curve import ours  # benchmarks/cost_curve.py: our step, the context restored after it
 from load import PROMPTS  # benchmarks/load.py: one list of chat prompts for every benchmark

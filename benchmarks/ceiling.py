@@ -18,7 +18,7 @@ from medusa_core.config import DEFAULT_CONFIG, load_config
 from medusa_core.decode import DecodeRequest, decode
 from medusa_core.generator import load_generator
 from medusa_core.heads import random_heads
-from medusa_core.oracle import OracleDrafter
+from medusa_core.tools.oracle import OracleDrafter
 from medusa_core.tree import build_tree_buffers, plain_tree
 from medusa_core.tree_presets import preset_paths
 

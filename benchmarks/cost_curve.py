@@ -28,7 +28,7 @@ from medusa_core.backends import load_backend
 from medusa_core.backends.hf import DTYPES, HFBackend
 from medusa_core.config import load_config, resolve_repo_path
 from medusa_core.tree import build_tree_buffers
-from medusa_core.tune_tree import fastest_in_turns, timed_step
+from medusa_core.timing import fastest_in_turns, timed_step
 
 TOKEN = 1000  # content does not change the cost
 # Shapes for --random-llama: the cost of a step depends on the shape, not on the weights.

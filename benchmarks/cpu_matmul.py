@@ -19,7 +19,7 @@ from torch import nn
 from medusa_core.backends.hf import load_model_and_tokenizer
 from medusa_core.backends.kernels import linear, pack, rows_linear
 from medusa_core.config import load_config
-from medusa_core.tune_tree import best_time
+from medusa_core.timing import best_time
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ import types
 
 import torch
 
-from medusa_core.commands import config_and_backend, load_or_build_cache
-from medusa_core.evaluate import rank_histogram
+from medusa_core.tools.commands import config_and_backend, load_or_build_cache
+from medusa_core.tools.evaluate import rank_histogram
 from medusa_core.heads import load_heads
-from medusa_core.tune_tree import best_time, expected_length, greedy_tree
+from medusa_core.timing import best_time
+from medusa_core.tools.tune_tree import expected_length, greedy_tree
 
 
 def main() -> None:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from medusa_core import data as sharegpt
-from medusa_core.commands import config_and_backend, load_or_build_cache
+from medusa_core.tools import data as sharegpt
+from medusa_core.tools.commands import config_and_backend, load_or_build_cache
 from medusa_core.config import REPO_ROOT
-from medusa_core.evaluate import accuracy_table, benchmark_trees, rank_histogram
-from medusa_core.train import TrainConfig, train
+from medusa_core.tools.evaluate import accuracy_table, benchmark_trees, rank_histogram
+from medusa_core.tools.train import TrainConfig, train
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 
-from medusa_core import commands
+from medusa_core.tools import commands
 from medusa_core.config import DEFAULT_CONFIG, ConfigError, load_config
 from medusa_core.heads import HeadsFormatError
 
@@ -89,7 +89,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from medusa_core.convert import convert as run_convert
+    from medusa_core.backends.gguf_files import convert as run_convert
 
     print(run_convert(args.folder, args.out, args.outtype, args.quant, args.threads, args.tokenizer_pre))
 

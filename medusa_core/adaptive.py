@@ -34,7 +34,7 @@ import torch
 
 from medusa_core.backends import Backend
 from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
-from medusa_core.tune_tree import fastest_in_turns, timed_step
+from medusa_core.timing import fastest_in_turns, timed_step
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 PRIOR_STEPS = 20  # the offline acceptance weighs as much as this many live steps of the node

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from medusa_core.oracle import OracleDrafter  # noqa: F401  (tests import it from here)
+from medusa_core.tools.oracle import OracleDrafter  # noqa: F401  (tests import it from here)
 
 # Ray token auth on, as users run it (the venv sets it too, .ci/install); a test of the disabled mode says so.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

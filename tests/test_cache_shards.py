@@ -4,8 +4,8 @@ import types
 import pytest
 import torch
 
-from medusa_core import data as sharegpt
-from medusa_core.commands import load_or_build_cache
+from medusa_core.tools import data as sharegpt
+from medusa_core.tools.commands import load_or_build_cache
 
 SLICE_CHARS = 400_000  # the file's first ~60 conversations: the test needs ~10 usable held-in ones
 

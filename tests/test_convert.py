@@ -99,7 +99,7 @@ def check_logits(folder, gguf, prompts):
 
 
 def test_bpe_f32_logits_and_tokenizer(bpe_folder, tmp_path):
-    from medusa_core.convert import convert
+    from medusa_core.backends.gguf_files import convert
 
     folder, tokenizer = bpe_folder
     out = convert(folder, tmp_path / "tiny-bpe.f32.gguf", "f32")
@@ -108,7 +108,7 @@ def test_bpe_f32_logits_and_tokenizer(bpe_folder, tmp_path):
 
 
 def test_spm_f32_logits_and_tokenizer(spm_folder, tmp_path):
-    from medusa_core.convert import convert
+    from medusa_core.backends.gguf_files import convert
 
     folder, sp = spm_folder
     out = convert(folder, tmp_path / "tiny-spm.f32.gguf", "f32")
@@ -122,7 +122,7 @@ def test_quantized_files_load_and_generate(bpe_folder, tmp_path, quant, tensor_t
     import gguf
 
     from medusa_core.backends.llamacpp import LlamaCppBackend
-    from medusa_core.convert import convert
+    from medusa_core.backends.gguf_files import convert
 
     folder, tokenizer = bpe_folder
     out = convert(folder, tmp_path / f"tiny.{quant}.gguf", "f16", quant=quant)

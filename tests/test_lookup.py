@@ -106,7 +106,7 @@ def test_lookup_batched_equals_alone(setup):
 
 def test_benchmark_runs_trees_deeper_than_the_heads(tiny_backend):
     """eval's benchmark: a lookup tree deeper than the heads decodes the same tokens as plain decoding."""
-    from medusa_core.evaluate import benchmark_trees
+    from medusa_core.tools.evaluate import benchmark_trees
 
     heads = random_heads(2, tiny_backend.hidden_size, seed=0, scale=0.02, dtype=tiny_backend.dtype)
     deep = build_tree_buffers([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], top_k=4)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from equivalence import MAX_NEAR_TIES, llama_reference, llama_scorer, near_ties
-from medusa_core import replies
+from medusa_core.tools import replies
 from medusa_core.config import REPO_ROOT, load_config
-from medusa_core.data import Conversation, Encoded
+from medusa_core.tools.data import Conversation, Encoded
 
 pytest.importorskip("llama_cpp")
 
@@ -125,7 +125,7 @@ def test_build_resumes_at_the_first_missing_shard(backend, tmp_path):
 
 def test_chat_prompts_were_never_training_data():
     """The benchmark's everyday prompts must be new to the heads: none occurs in ShareGPT (held-in or not)."""
-    from medusa_core.data import sharegpt_path
+    from medusa_core.tools.data import sharegpt_path
 
     prompts = json.loads((REPO_ROOT / "benchmarks" / "data" / "chat_prompts.json").read_text())["prompts"]
     assert len(prompts) >= 30 and len(set(prompts)) == len(prompts)
@@ -137,7 +137,7 @@ def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedd
     """`--data generated` builds the hidden-state cache from the stored ids alone (no decoding)."""
     import types
 
-    from medusa_core.commands import load_or_build_cache
+    from medusa_core.tools.commands import load_or_build_cache
 
     seqs = [Encoded([1, 2, 3, 4, 5, 6], [False, False, True, True, True, True]), Encoded([9, 8, 7], [False] * 3)]
     replies.save_shard(replies.shard_path(tmp_path / "r", False, 0), seqs)

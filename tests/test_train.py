@@ -4,10 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from medusa_core.data import Encoded
-from medusa_core.distill import HiddenCache, build_cache
+from medusa_core.tools.data import Encoded
+from medusa_core.tools.distill import HiddenCache, build_cache
 from medusa_core.heads import load_heads, save_heads
-from medusa_core.train import CHECKPOINT, TrainConfig, head_loss, loss_positions, new_heads, train
+from medusa_core.tools.train import CHECKPOINT, TrainConfig, head_loss, loss_positions, new_heads, train
 
 
 def sequences(n: int, length: int, seed: int = 0) -> list[Encoded]:
@@ -127,7 +127,7 @@ def test_sequential_heads_read_the_base_models_own_previous_token(cache):
     Where the drafts follow the base model's path, the two give the same head hidden states."""
     heads = train(cache, cfg(steps=40, sequential=True, root_conditioned=True)).heads
     pos = loss_positions(cache)[:8]
-    from medusa_core.train import cached_head_hidden
+    from medusa_core.tools.train import cached_head_hidden
 
     taught = cached_head_hidden(heads, cache, pos)  # [N, K, H]
     for k in range(heads.num_heads):
@@ -173,7 +173,7 @@ def test_resume_refuses_another_config(cache, tmp_path):
 @pytest.mark.slow  # Ray start-up and two worker processes: over a minute on 2 shared cores
 def test_ray_train_two_workers(cache, tmp_path):
     ray = pytest.importorskip("ray")
-    from medusa_core.train import train_ray
+    from medusa_core.tools.train import train_ray
 
     cache.save(tmp_path / "shard-0.pt")  # workers load and join the shards they are given
     cache.save(tmp_path / "shard-1.pt")
@@ -191,7 +191,7 @@ def test_ray_train_two_workers(cache, tmp_path):
 
 
 def test_rank_histogram_counts_targets_beyond_head_vocab_as_misses(cache):
-    from medusa_core.evaluate import rank_histogram
+    from medusa_core.tools.evaluate import rank_histogram
 
     heads = train(cache, cfg(steps=30)).heads
     full = rank_histogram(heads, cache, max_rank=60)  # [K, R]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from medusa_core.tree import build_tree_buffers
-from medusa_core.tune_tree import StepCost, choose_size, expected_length, greedy_tree
+from medusa_core.tools.tune_tree import StepCost, choose_size, expected_length, greedy_tree
 
 # Rank accuracies shaped like the paper's Vicuna-7B heads (top-1 0.56/0.32/0.20/0.15), decaying with rank.
 ACC = torch.tensor([[0.56, 0.12, 0.05, 0.03, 0.02], [0.32, 0.12, 0.06, 0.03, 0.03],
@@ -40,7 +40,7 @@ def test_choose_size_trades_length_for_cost():
 
 def test_measure_step_cost_times_every_size(tiny_backend):
     from medusa_core.heads import random_heads
-    from medusa_core.tune_tree import measure_step_cost
+    from medusa_core.tools.tune_tree import measure_step_cost
 
     heads = random_heads(3, tiny_backend.hidden_size, seed=0, scale=0.02, dtype=tiny_backend.dtype)
     acc = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.1, 0.05], [0.2, 0.1, 0.05]])

@@ -23,52 +23,24 @@ the last bits (BF16 most), so a one-row step and a chain or batch step can part 
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from medusa_core.backends import Forward
+from medusa_core.backends.gguf_files import quantize, route_llama_log_once
 from medusa_core.backends.kernels import rows_linear
 from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig, resolve_repo_path
 from medusa_core.tree import TreeBuffers
 
 GGML_TYPE = {"f32": 0, "f16": 1}
-GGML_LOG_WARN, GGML_LOG_CONT = 3, 5  # ggml_log_level (llama_cpp._logger maps an older numbering)
-
-
-def set_llama_log(sink: Callable[[str], None] | None = None) -> None:
-    """Route llama.cpp's log: warnings and errors to stderr (its load log is hundreds of INFO lines), and every
-    line to `sink` if given. Process-wide in llama.cpp; the callback is kept alive in _LOG_CALLBACKS."""
-    import sys
-
-    import llama_cpp as lc
-
-    last = [0]
-
-    def log(level: int, text: bytes, _data) -> None:
-        last[0] = last[0] if level == GGML_LOG_CONT else level
-        line = text.decode(errors="replace")
-        if last[0] >= GGML_LOG_WARN:
-            print(line, end="", file=sys.stderr, flush=True)
-        if sink is not None:
-            sink(line)
-
-    callback = lc.llama_log_callback(log)
-    _LOG_CALLBACKS.append(callback)
-    lc.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-_LOG_CALLBACKS: list = []  # ctypes callbacks handed to llama.cpp must outlive it
-
-
 @dataclass
 class LlamaCache:
     """Row b's KV is llama.cpp sequence b (its own stream); lens[b] accepted tokens are in it."""
@@ -81,8 +53,7 @@ class LlamaCppBackend:
     def __init__(self, gguf_path: Path, settings: LlamaCppConfig, tokenizer, context_length: int | None = None):
         import llama_cpp as lc
 
-        if not _LOG_CALLBACKS:
-            set_llama_log()
+        route_llama_log_once()
         self.lc, self.settings, self.tokenizer, self.gguf_path = lc, settings, tokenizer, gguf_path
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
@@ -266,8 +237,6 @@ def read_output_weight(gguf_path: Path) -> Tensor:
 def requantized(src: Path, file_type: str, cache_root: Path) -> Path:
     """`src` re-encoded as `file_type` by llama.cpp's quantizer (tensors dequantized first), made once into
     cache_root/<stem>.<file_type>.gguf (~2 s for the embedded model)."""
-    from medusa_core.convert import quantize
-
     target = cache_root / f"{src.stem}.{file_type}.gguf"
     if not target.is_file():
         cache_root.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.data import Conversation, Encoded
+from medusa_core.tools.data import Conversation, Encoded
 from medusa_core.decode import Batch, DecodeRequest, admit, advance, retire
 
 SHARD = 64  # conversations per shard

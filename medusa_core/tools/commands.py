@@ -98,10 +98,10 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     eval_tokens); a bigger budget adds shards, an interrupted build resumes at a shard. Returns the joined cache and
     its shard files."""
     from medusa_core.config import resolve_repo_path
-    from medusa_core.distill import HiddenCache
+    from medusa_core.tools.distill import HiddenCache
 
-    from medusa_core import replies
-    from medusa_core.distill import build_cache
+    from medusa_core.tools import replies
+    from medusa_core.tools.distill import build_cache
 
     shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
@@ -131,7 +131,7 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
 
 def _conversations(held_out: bool) -> list:
     """The split's conversations in their fixed order."""
-    from medusa_core import data as sharegpt
+    from medusa_core.tools import data as sharegpt
 
     conversations, report = sharegpt.read_sharegpt()
     print(f"ShareGPT: {report.complete} complete items, {report.truncated_tail} truncated tail item skipped, "
@@ -143,7 +143,7 @@ def _conversations(held_out: bool) -> list:
 
 def _sequences(backend, args, held_out: bool, skip: int) -> Iterator:
     """The split's usable conversations as written, encoded, in a fixed order, after `skip`."""
-    from medusa_core import data as sharegpt
+    from medusa_core.tools import data as sharegpt
 
     for conv in _conversations(held_out):
         seq = sharegpt.encode_conversation(backend.tokenizer, conv.messages, args.max_seq)
@@ -154,7 +154,7 @@ def _sequences(backend, args, held_out: bool, skip: int) -> Iterator:
 
 
 def replies_command(args: argparse.Namespace) -> None:
-    from medusa_core import replies
+    from medusa_core.tools import replies
     from medusa_core.backends import load_backend
     from medusa_core.config import load_config, resolve_repo_path
 
@@ -176,7 +176,7 @@ def replies_command(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     from medusa_core.heads import save_heads
-    from medusa_core.train import TrainConfig, train, train_ray
+    from medusa_core.tools.train import TrainConfig, train, train_ray
 
     config, backend = config_and_backend(args.config)
     cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
@@ -210,7 +210,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def _accuracy(heads, heldout) -> dict[str, list[dict[str, float]]]:
-    from medusa_core.evaluate import accuracy_table, rank_histogram
+    from medusa_core.tools.evaluate import accuracy_table, rank_histogram
 
     return {kind: accuracy_table(rank_histogram(heads, heldout, kind)) for kind in ("self", "dataset")}
 
@@ -233,9 +233,9 @@ def _load_heads(config, backend, folder: str | None):
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from medusa_core import data as sharegpt
+    from medusa_core.tools import data as sharegpt
     from medusa_core.config import LookupConfig
-    from medusa_core.evaluate import benchmark_trees, format_runs
+    from medusa_core.tools.evaluate import benchmark_trees, format_runs
     from medusa_core.lookup import LookupDrafter
     from medusa_core.tree import build_tree_buffers
     from medusa_core.tree_presets import preset_paths
@@ -271,8 +271,8 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def tune_tree_command(args: argparse.Namespace) -> None:
-    from medusa_core.evaluate import rank_histogram
-    from medusa_core.tune_tree import choose_size, format_curve, greedy_tree, measure_step_cost
+    from medusa_core.tools.evaluate import rank_histogram
+    from medusa_core.tools.tune_tree import choose_size, format_curve, greedy_tree, measure_step_cost
 
     config, backend = config_and_backend(args.config)
     heads = _load_heads(config, backend, args.heads)
@@ -293,7 +293,7 @@ def tune_tree_command(args: argparse.Namespace) -> None:
 
 def write_card(folder: Path) -> None:
     """Render README.md from training.json and evaluation.json (whichever exist)."""
-    from medusa_core.model_card import render_card
+    from medusa_core.tools.model_card import render_card
 
     train = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else None
     ev = json.loads((folder / "evaluation.json").read_text()) if (folder / "evaluation.json").is_file() else None

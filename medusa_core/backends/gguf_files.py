@@ -1,4 +1,5 @@
-"""Hugging Face Llama folder -> GGUF (f32 or f16) with the `gguf` package, then llama.cpp quantization.
+"""GGUF files: a Hugging Face Llama folder -> GGUF (f32 or f16) with the `gguf` package, llama.cpp quantization,
+and the routing of llama.cpp's log (the quantizer's progress bar reads it; the backend mutes its load log).
 
 `convert(folder, out, outtype, quant)` writes a GGUF file for the llama.cpp backend; Medusa heads stay in their own
 file (they run in torch). Tensors are streamed one at a time, so memory holds one weight, not the model.
@@ -14,8 +15,10 @@ otherwise an error asks for --tokenizer-pre); no LoRA, MoE or rope-scaling varia
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,12 +279,8 @@ def _add_special(vocab: Vocab, folder: Path, tok_config: dict) -> None:
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, allow_requantize: bool = False) -> Path:
     """llama.cpp's quantizer on a float GGUF (or, with allow_requantize, a quantized one: its tensors are
     dequantized first); a progress bar follows its per-tensor log lines."""
-    import ctypes
-
     import llama_cpp as lc
     from tqdm import tqdm
-
-    from medusa_core.backends.llamacpp import set_llama_log
 
     params = lc.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]
@@ -313,3 +312,37 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"missing {path}")
     return json.loads(path.read_text())
+
+
+GGML_LOG_WARN, GGML_LOG_CONT = 3, 5  # ggml_log_level (llama_cpp._logger maps an older numbering)
+
+
+def set_llama_log(sink: Callable[[str], None] | None = None) -> None:
+    """Route llama.cpp's log: warnings and errors to stderr (its load log is hundreds of INFO lines), and every
+    line to `sink` if given. Process-wide in llama.cpp; the callback is kept alive in _LOG_CALLBACKS."""
+    import sys
+
+    import llama_cpp as lc
+
+    last = [0]
+
+    def log(level: int, text: bytes, _data) -> None:
+        last[0] = last[0] if level == GGML_LOG_CONT else level
+        line = text.decode(errors="replace")
+        if last[0] >= GGML_LOG_WARN:
+            print(line, end="", file=sys.stderr, flush=True)
+        if sink is not None:
+            sink(line)
+
+    callback = lc.llama_log_callback(log)
+    _LOG_CALLBACKS.append(callback)
+    lc.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_LOG_CALLBACKS: list = []  # ctypes callbacks handed to llama.cpp must outlive it
+
+
+def route_llama_log_once() -> None:
+    """`set_llama_log()` unless a log route is already set in this process (a quantizer's sets its own)."""
+    if not _LOG_CALLBACKS:
+        set_llama_log()

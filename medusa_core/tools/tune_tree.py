@@ -13,18 +13,16 @@ expected tokens per step / cost per step.
 from __future__ import annotations
 
 import heapq
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from medusa_core.backends import Backend
 from medusa_core.heads import MedusaHeads
-from medusa_core.tree import TreeBuffers, build_tree_buffers
+from medusa_core.timing import best_time, fastest_in_turns, timed_step
+from medusa_core.tree import build_tree_buffers
 
 
 def greedy_tree(acc: Tensor, num_nodes: int) -> list[list[int]]:
@@ -73,43 +71,6 @@ def measure_step_cost(backend: Backend, heads: MedusaHeads, acc: Tensor, max_nod
     passes = [partial(timed_step, backend, backend.prefill([prompt])[1], tree) for tree in trees]
     verify_s = fastest_in_turns(passes, repeats, desc="timing verification (rounds over all sizes)")
     return [StepCost(t.num_nodes, v, heads_s[t.max_depth]) for t, v in zip(trees, verify_s)]
-
-
-def timed_step(backend: Backend, cache, tree: TreeBuffers, batch: int = 1, drafter=None) -> float:
-    """Seconds of one decode step of `tree` for `batch` rows on `cache`: the drafter's heads if one is given, the
-    verification pass and the cache update, accepting the root only (the context grows by 1). Infinite when the
-    backend cannot hold this tree for this many rows (e.g. llama.cpp's sequence limit)."""
-    tokens = torch.full((batch, tree.num_nodes), 1000 % backend.vocab_size, dtype=torch.long)  # content: same cost
-    root_only = torch.zeros(batch, tree.max_depth + 1, dtype=torch.long)
-    start = time.perf_counter()
-    try:
-        if drafter is not None and tree.num_nodes > 1:
-            hidden = torch.zeros(batch, backend.hidden_size, dtype=backend.dtype, device=backend.device)
-            drafter.draft(hidden, tokens[:, 0], [[] for _ in range(batch)], tree.max_depth, tree.top_k, backend)
-        backend.verify(cache, tokens, tree)
-    except ValueError:
-        return float("inf")
-    backend.keep(cache, root_only, torch.ones(batch, dtype=torch.long))
-    return time.perf_counter() - start
-
-
-def fastest_in_turns(steps: Sequence[Callable[[], float]], repeats: int, desc: str | None = None) -> list[float]:
-    """Each step's fastest of `repeats` rounds after a warm-up round; within a round the steps take turns, so a drift
-    in the machine's speed touches every one alike. A step returns the seconds it measured (inf if it cannot run)."""
-    rounds = [[step() for step in steps]
-              for _ in tqdm(range(1 + repeats), desc=desc, unit="round", disable=desc is None)]
-    return [min(times) for times in zip(*rounds[1:])]  # round 0 warms every step up
-
-
-def best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` timed calls after one warm-up call (other load only ever adds time)."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from medusa_core.distill import HiddenCache, load_lm_head
+from medusa_core.tools.distill import HiddenCache, load_lm_head
 from medusa_core.heads import MedusaHeads
 
 CHECKPOINT = "checkpoint.pt"

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.data import Encoded
+from medusa_core.tools.data import Encoded
 
 LM_HEAD_FILE = "lm_head.pt"
 
