@@ -28,7 +28,8 @@ from medusa_core.adaptive import calibrate, shipped_prior
 from medusa_core.backends.hf import resolve_source
 from medusa_core.config import LookupConfig, load_config, resolve_repo_path
 from medusa_core.tools.evaluate import top2_gap
-from medusa_core.generator import MedusaGenerator, TextRequest, load_generator, shipped_accuracy
+from medusa_core.generator import MedusaGenerator, load_generator, shipped_accuracy
+from medusa_core.request import Request
 from medusa_core.lookup import LookupDrafter
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
@@ -83,7 +84,7 @@ def run_ours(gen: MedusaGenerator, prompts: list[tuple[int, ...]], batch: int, m
     """-> (tokens/s, tokens per step, token ids per prompt), prompts in groups of `batch`."""
     tokens, steps, ids, start = 0, 0, [], time.perf_counter()
     for i in range(0, len(prompts), batch):
-        reqs = [TextRequest(p, n, mode=mode, ignore_eos=True) for p in prompts[i : i + batch]]
+        reqs = [Request(prompt_ids=p, max_tokens=n, mode=mode, ignore_eos=True) for p in prompts[i : i + batch]]
         for r in gen.generate(reqs):
             tokens += r.stats.generated_tokens
             steps += r.stats.decode_steps + 1

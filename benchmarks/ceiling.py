@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from medusa_core.config import DEFAULT_CONFIG, load_config
-from medusa_core.decode import DecodeRequest, decode
+from medusa_core.decode import decode
+from medusa_core.request import Request
 from medusa_core.generator import load_generator
 from medusa_core.heads import random_heads
 from medusa_core.tools.oracle import OracleDrafter
@@ -31,7 +32,8 @@ def run(backend, drafter, tree, prompts, n: int, speculate: bool) -> tuple[list[
     outs, steps, start = [], 0, time.perf_counter()
     for p in prompts:
         out = []
-        for events in decode(backend, drafter, tree, [DecodeRequest(p, n, speculate=speculate, ignore_eos=True)]):
+        for events in decode(backend, drafter, tree, [Request(prompt_ids=p, max_tokens=n, mode="medusa" if speculate else "plain",
+                                                              ignore_eos=True)]):
             steps += 1
             out += events[0].tokens
         outs.append(out)

@@ -34,7 +34,7 @@ def main() -> None:
     config, backend = config_and_backend(args.config)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache_args = types.SimpleNamespace(cache_dir=".cache/medusa", max_seq=512, eval_tokens=30_000)
+    cache_args = types.SimpleNamespace(cache_dir=None, max_seq=512, eval_tokens=30_000)
     heldout, _ = load_or_build_cache(backend, cache_args, held_out=True, data=args.data)
     print(f"{'head_vocab':>10}" + "".join(f"{f'draft ms B{b}':>13}" for b in args.batch_sizes)
           + "  top-1 per head" + f"{f'E[tok/step] {args.nodes}':>22}")

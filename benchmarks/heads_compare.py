@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="prompts per set (held-out ShareGPT, chat)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--replies", default="heads/smollm2-135m-instruct/replies")
-    p.add_argument("--cache-dir", default=".cache/medusa")
+    p.add_argument("--cache-dir", default=None, help="hidden-state caches (default: <cache root>/medusa)")
     p.add_argument("--served", default="configs/smollm2-135m-llamacpp.yaml", help="backend the decoding runs on")
     p.add_argument("--json", default="benchmarks/results/heads_compare.json")
     args = p.parse_args()

@@ -4,7 +4,7 @@
         [--requests-per-level 16] [--max-tokens 128] [--rounds 1]
 
 The peer is `python -m llama_cpp.server --model <the shipped Q4_1 GGUF>` (llama-cpp-python at the version
-pyproject.toml pins, installed on demand into its own virtualenv, .cache/peer-venv, never a project dependency),
+pyproject.toml pins, installed on demand into its own virtualenv, <cache root>/peer-venv, never a project dependency),
 with its default settings except host, port, `--n_ctx` (our requests' context, 2048) and `--interrupt_requests
 False` (see --peer-interrupt-requests). Both servers get identical streaming chat requests through the `openai`
 client: the same prompts (benchmarks/load.py's), temperature 0, max_tokens; no extension fields. At each
@@ -43,9 +43,10 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.load import PROMPTS  # noqa: E402  (the repo's chat prompts: one list for every benchmark)
+from medusa_core.config import cache_root  # noqa: E402
 
 OURS, PEER = "ours", "llama_cpp.server"
-LOGS = ROOT / ".cache" / "peer"
+LOGS = cache_root() / "peer"
 
 
 @dataclass
@@ -409,7 +410,7 @@ def main() -> None:
                    "summed time, latencies the median over rounds")
     p.add_argument("--config", type=Path, default=ROOT / "configs/smollm2-135m-llamacpp.yaml",
                    help="model config whose base_model.gguf_file the peer serves")
-    p.add_argument("--peer-venv", type=Path, default=ROOT / ".cache/peer-venv")
+    p.add_argument("--peer-venv", type=Path, default=cache_root() / "peer-venv")
     p.add_argument("--peer-port", type=int, default=0, help="0: a free port")
     p.add_argument("--peer-n-ctx", type=int, default=2048, help="context per request, as our config's "
                    "base_model.context_length")

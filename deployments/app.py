@@ -1,7 +1,7 @@
 """The application builder named by serve_config.yaml: `import_path: deployments.app:build_app`.
 
 `args` in the YAML are validated by `AppArgs`; the model and decoding settings stay in the model config file it
-names. Replicas, autoscaling and batching are set per deployment in the serve config, not here.
+names, which is validated here, once, and handed to the Decoder replicas. Replicas, autoscaling and batching are set per deployment in the serve config, not here.
 """
 from __future__ import annotations
 
@@ -22,4 +22,4 @@ class AppArgs(BaseModel):
 def build_app(args: dict) -> Application:
     app_args = AppArgs.model_validate(args)
     config = load_config(resolve_repo_path(app_args.config))  # fail here, with the field named, not in a replica
-    return Ingress.bind(Decoder.bind(app_args.config), config.name)
+    return Ingress.bind(Decoder.bind(config), config.name)

@@ -1,6 +1,6 @@
 """The Decoder deployment: one Medusa generator per replica; concurrent requests are decoded together.
 
-`stream(input)` tokenizes and checks one request, then `admit`s it: `@serve.batch` gathers requests that arrive
+`stream(request)` tokenizes and checks one request (`MedusaGenerator.prepare`), then `admit`s it: `@serve.batch` gathers requests that arrive
 together and hands them to the replica's `Engine`, which keeps one running batch (a `DecodeSession`, one forward
 pass per step for all rows) and lets them join it at the next step: continuous batching, so a request never waits
 for a whole batch to finish. Each step runs in a worker thread so the replica's event loop stays free to admit,
@@ -14,16 +14,16 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.metrics import DecoderMetrics
-from deployments.schemas import DecodeChunk, DecodeInput, ErrorInfo, MedusaStats
-from medusa_core.config import load_config, resolve_repo_path
-from medusa_core.generator import DecodeSession, MedusaGenerator, RequestError, TextDelta, TextRequest, load_generator
-from medusa_core.sampling import SamplingParams
+from deployments.schemas import DecodeChunk, ErrorInfo
+from medusa_core.config import GeneratorConfig
+from medusa_core.generator import DecodeSession, MedusaGenerator, RequestError, TextDelta, load_generator
+from medusa_core.request import Request
 
 logger = logging.getLogger("ray.serve")
 STUCK_STEP_S = 60.0  # one decode step takes well under a second here; a minute means the backend hangs
@@ -53,7 +53,7 @@ def checked_options(user_config: dict, max_rows: int | None) -> DecoderOptions:
 class Job:
     """One request in the replica. `cancelled` is written by the caller's task and read by the decode thread."""
 
-    request: TextRequest
+    request: Request  # prepared: token ids and budget set
     received_at: float
     deadline: float
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)  # what the caller streams back
@@ -62,19 +62,6 @@ class Job:
     timed_out: bool = False
     batch_size: int = 0
     queue_wait_s: float = 0.0
-
-
-def to_text_request(generator: MedusaGenerator, inp: DecodeInput) -> TextRequest:
-    """Tokenize (chat template for messages) and check the request against the context window."""
-    if inp.messages is not None:
-        ids = generator.encode_chat([{"role": m.role, "content": m.content} for m in inp.messages])
-    else:
-        ids = generator.encode(inp.prompt or "")
-    max_tokens = inp.max_tokens or generator.default_max_tokens(len(ids))
-    sampling = SamplingParams(inp.temperature, inp.top_p, inp.seed, inp.acceptance)
-    request = TextRequest(tuple(ids), max_tokens, sampling, inp.mode, inp.stop, inp.ignore_eos)
-    generator.check(request)
-    return request
 
 
 def should_stop(job: Job) -> bool:
@@ -104,14 +91,9 @@ def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
     if job.timed_out and delta.finish_reason == "cancelled":
         return timeout_chunk(job)
     stats = None
-    if delta.stats is not None:
-        s = delta.stats
-        stats = MedusaStats(
-            mode=job.request.mode, prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
-            decode_steps=s.decode_steps, mean_accepted_length=s.mean_accepted_length,
-            accepted_per_head=list(s.accepted_per_head), accept_len_histogram=list(s.accept_len_histogram),
-            time_to_first_token_s=s.time_to_first_token_s + job.queue_wait_s, wall_time_s=s.wall_time_s,
-            tokens_per_second=s.tokens_per_second, batch_size=job.batch_size, queue_wait_s=job.queue_wait_s)
+    if (s := delta.stats) is not None:  # the replica adds what only it knows: queue wait and batch size
+        stats = replace(s, time_to_first_token_s=s.time_to_first_token_s + job.queue_wait_s,
+                        batch_size=job.batch_size, queue_wait_s=job.queue_wait_s)
     return DecodeChunk(text=delta.text, finish_reason=delta.finish_reason,
                        prompt_tokens=len(job.request.prompt_ids), stats=stats)
 
@@ -185,12 +167,12 @@ class Engine:
         for job in self.jobs.values():
             job.batch_size = max(job.batch_size, self.session.rows)
         for d in deltas:
-            job = self.jobs[d.request]
+            job = self.jobs[d.key]
             job.chunks.put_nowait(chunk := to_chunk(d, job))
             if chunk.stats is not None:
                 self.metrics.record_request(model, chunk.stats, chunk.finish_reason or "")
             if chunk.finish_reason is not None:
-                del self.jobs[d.request]
+                del self.jobs[d.key]
 
     def fail(self, e: Exception) -> None:
         self.failed = f"{type(e).__name__}: {e}"
@@ -203,8 +185,8 @@ class Engine:
 
 @serve.deployment
 class Decoder:
-    def __init__(self, config: str) -> None:
-        generator = load_generator(load_config(resolve_repo_path(config)))
+    def __init__(self, config: GeneratorConfig) -> None:
+        generator = load_generator(config)  # validated once, by the app builder
         self.engine = Engine(generator, DecoderMetrics(generator.tree.max_depth))
         self.options = DecoderOptions()
 
@@ -218,14 +200,14 @@ class Decoder:
         if (problem := self.engine.health()) is not None:
             raise RuntimeError(problem)
 
-    async def stream(self, inp: DecodeInput) -> AsyncIterator[DecodeChunk]:
+    async def stream(self, request: Request) -> AsyncIterator[DecodeChunk]:
         try:
-            request = to_text_request(self.engine.generator, inp)
+            prepared = self.engine.generator.prepare(request)
         except RequestError as e:
             yield DecodeChunk(error=ErrorInfo(message=str(e), param=e.param), status=400)
             return
-        limit = min(inp.timeout_s or self.options.request_timeout_s, self.options.request_timeout_s)
-        job = Job(request, inp.received_at, inp.received_at + limit)
+        limit = min(request.timeout_s or self.options.request_timeout_s, self.options.request_timeout_s)
+        job = Job(prepared, request.received_at, request.received_at + limit)
         try:
             await self.admit(job)
             while True:

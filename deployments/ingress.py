@@ -1,6 +1,6 @@
 """The HTTP ingress: OpenAI-compatible routes, the original service's /generate and /compare, /health.
 
-Validation, routing and streaming only: every route turns its body into one `DecodeInput` and reads the decoder's
+Validation, routing and streaming only: every route turns its body into one `medusa_core.request.Request` and reads the decoder's
 stream of `DecodeChunk`s. No tensor code here. Every error, ours or the framework's, leaves as one OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` and never carries a stack trace or a file path.
 No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime to find the bodies.
@@ -11,7 +11,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,8 +25,9 @@ from starlette.exceptions import HTTPException
 
 from deployments import openai_format as fmt
 from deployments.guards import BodyGuard
-from deployments.schemas import (ChatRequest, CompareRequest, CompletionRequest, DecodeChunk, DecodeInput,
-                                 ErrorInfo, GenerateRequest, SamplingFields)
+from deployments.schemas import (ChatRequest, CompareRequest, CompletionRequest, DecodeChunk, ErrorInfo,
+                                 GenerateRequest, SamplingFields)
+from medusa_core.request import Request, SamplingParams
 
 logger = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 1 << 20
@@ -59,23 +61,23 @@ def error_response(status: int, info: ErrorInfo, headers: dict[str, str] | None 
 
 
 @app.exception_handler(ServeError)
-async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
+async def _serve_error(request: HTTPRequest, e: ServeError) -> JSONResponse:
     return error_response(e.status, e.info, e.headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+async def _invalid(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
     return error_response(400, fmt.validation_error(e.errors()))
 
 
 @app.exception_handler(HTTPException)
-async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+async def _http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return error_response(e.status_code, ErrorInfo(message=str(e.detail), type=kind), getattr(e, "headers", None))
 
 
 @app.exception_handler(Exception)
-async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+async def _unexpected(request: HTTPRequest, e: Exception) -> JSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return error_response(500, ErrorInfo(message="internal server error", type="server_error"))
 
@@ -137,34 +139,35 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
-        inp = self._input(body, messages=body.messages, max_tokens=body.max_completion_tokens or body.max_tokens)
+        messages = tuple({"role": m.role, "content": m.content} for m in body.messages)
+        inp = self._input(body, messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens)
         return await self._respond(body, inp, fmt.chat_chunk, fmt.chat_completion)
 
     @app.post("/generate")
     async def generate(self, body: GenerateRequest) -> dict:
         mode = "medusa" if body.mode == "medusa" else "plain"
-        inp = DecodeInput(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
+        inp = Request(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
         return fmt.legacy_generate(*await self._collect(inp))
 
     @app.post("/compare")
     async def compare(self, body: CompareRequest) -> dict:
         runs = {}
         for mode in ("medusa", "plain"):  # one after the other, so neither slows the other down
-            inp = DecodeInput(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
+            inp = Request(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
             runs[mode] = fmt.legacy_generate(*await self._collect(inp))
         return fmt.legacy_compare(runs["medusa"], runs["plain"])
 
-    def _input(self, body: SamplingFields, **text) -> DecodeInput:
+    def _input(self, body: SamplingFields, **text) -> Request:
         if body.model != self.model:
             raise ServeError(404, ErrorInfo(message=f"model {body.model!r} does not exist; this server has "
                                             f"{self.model!r}", type="not_found_error", param="model",
                                             code="model_not_found"))
-        return DecodeInput(**text, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                           stop=body.stop_strings(), mode=body.medusa.mode, acceptance=body.medusa.acceptance,
-                           ignore_eos=body.medusa.ignore_eos, timeout_s=body.medusa.timeout_s,
-                           received_at=time.time())
+        sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                  acceptance=body.medusa.acceptance)
+        return Request(**text, sampling=sampling, stop=body.stop_strings(), mode=body.medusa.mode,
+                       ignore_eos=body.medusa.ignore_eos, timeout_s=body.medusa.timeout_s, received_at=time.time())
 
-    async def _start(self, inp: DecodeInput) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:
+    async def _start(self, inp: Request) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:
         """Open the decoder stream and read its first chunk, so errors become a status code before any byte."""
         stream = self.decoder.options(stream=True).stream.remote(inp)
         retry = {"Retry-After": str(RETRY_AFTER_S)}
@@ -188,7 +191,7 @@ class Ingress:
         except REPLICA_LOST:
             yield DecodeChunk(error=fmt.replica_lost(), status=503)
 
-    async def _collect(self, inp: DecodeInput) -> tuple[str, DecodeChunk]:
+    async def _collect(self, inp: Request) -> tuple[str, DecodeChunk]:
         first, stream = await self._start(inp)
         text, last = first.text, first
         async for chunk in stream:
@@ -198,7 +201,7 @@ class Ingress:
             text, last = text + chunk.text, chunk
         return text, last
 
-    async def _respond(self, body: SamplingFields, inp: DecodeInput, chunk_fn, whole_fn):
+    async def _respond(self, body: SamplingFields, inp: Request, chunk_fn, whole_fn):
         rid = fmt.new_id()
         if not body.stream:
             return whole_fn(rid, self.model, *await self._collect(inp))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from deployments.schemas import MedusaStats
+from medusa_core.request import Stats
 
 LATENCY_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 RATE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
@@ -48,7 +48,7 @@ class DecoderMetrics:
         self.running.set(running, tags={"model": model})
         self.waiting.set(waiting, tags={"model": model})
 
-    def record_request(self, model: str, stats: MedusaStats, finish_reason: str) -> None:
+    def record_request(self, model: str, stats: Stats, finish_reason: str) -> None:
         tags = {"model": model, "mode": stats.mode}
         self.requests.inc(tags={**tags, "finish_reason": finish_reason})
         for counter, n in ((self.tokens, stats.generated_tokens), (self.steps, stats.decode_steps)):

@@ -3,6 +3,7 @@ bodies, and validation errors turned into one OpenAI-style error. Plain function
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -11,7 +12,8 @@ from typing import Any
 
 from ray.exceptions import RayError
 
-from deployments.schemas import DecodeChunk, ErrorInfo, MedusaStats, Usage
+from deployments.schemas import DecodeChunk, ErrorInfo, Usage
+from medusa_core.request import Stats
 
 ChunkFn = Callable[[str, str, DecodeChunk, bool], dict]
 
@@ -31,7 +33,7 @@ def _finish(last: DecodeChunk) -> str:
 
 
 def _stats(last: DecodeChunk) -> dict | None:
-    return last.stats.model_dump() if last.stats else None
+    return dataclasses.asdict(last.stats) if last.stats else None
 
 
 def completion(rid: str, model: str, text: str, last: DecodeChunk) -> dict:
@@ -95,13 +97,13 @@ def replica_lost() -> ErrorInfo:
 
 def legacy_generate(text: str, last: DecodeChunk) -> dict:
     """The original service's /generate response. acceptance_rate: accepted speculated tokens / speculated depth."""
-    s: MedusaStats = last.stats
+    s: Stats = last.stats
     depth = len(s.accepted_per_head)
     # No decode step (max_length 1: the prefill made the only token): nothing was speculated, and the stats' mean
     # accepted length is 0.0, which would give a negative rate.
     rate = (s.mean_accepted_length - 1) / depth if s.mode == "medusa" and depth and s.decode_steps else 0.0
     return {"text": text, "generation_time": s.wall_time_s + s.queue_wait_s, "tokens_generated": s.generated_tokens,
-            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode, "medusa": s.model_dump()}
+            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode, "medusa": dataclasses.asdict(s)}
 
 
 def legacy_compare(medusa: dict, plain: dict) -> dict:

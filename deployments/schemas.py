@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from medusa_core.request import Acceptance, Mode, Stats
+
 MAX_STOP = 4  # as OpenAI: at most four stop strings
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 200_000  # far above any context window; the decoder checks tokens exactly
@@ -30,8 +32,8 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 class MedusaOptions(Strict):
     """Extension field `medusa`: how to decode this request."""
 
-    mode: Literal["medusa", "plain"] = Field("medusa", description="medusa: tree speculation; plain: one token a step.")
-    acceptance: Literal["greedy", "typical", "lossless"] | None = Field(
+    mode: Mode = Field("medusa", description="medusa: tree speculation; plain: one token a step.")
+    acceptance: Acceptance | None = Field(
         None, description="Acceptance rule; default greedy at temperature 0, lossless above it (exact, seedable).")
     ignore_eos: bool = Field(False, description="Decode max_tokens tokens even past the end-of-sequence token.")
     timeout_s: float | None = Field(None, gt=0, description="End the request with a 504 after this many seconds "
@@ -103,45 +105,11 @@ class CompareRequest(Strict):
 # ---- ingress -> decoder -> ingress -------------------------------------------------------------------------
 
 
-class DecodeInput(Strict):
-    """One request as the decoder sees it: text or chat messages, plus how to decode."""
-
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    mode: Literal["medusa", "plain"] = "medusa"
-    acceptance: Literal["greedy", "typical", "lossless"] | None = None
-    ignore_eos: bool = False
-    timeout_s: float | None = None
-    received_at: float = Field(description="time.time() when the ingress got the request (for queue wait).")
-
-
 class ErrorInfo(BaseModel):
     message: str
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
-
-
-class MedusaStats(BaseModel):
-    """Per-request decoding statistics, returned as the `medusa` field of every response."""
-
-    mode: str
-    prompt_tokens: int
-    generated_tokens: int
-    decode_steps: int
-    mean_accepted_length: float
-    accepted_per_head: list[int]
-    accept_len_histogram: list[int]
-    time_to_first_token_s: float
-    wall_time_s: float
-    tokens_per_second: float
-    batch_size: int = Field(description="Largest number of requests decoded together with this one.")
-    queue_wait_s: float
 
 
 class DecodeChunk(BaseModel):
@@ -150,7 +118,7 @@ class DecodeChunk(BaseModel):
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    stats: MedusaStats | None = None
+    stats: Stats | None = None
     error: ErrorInfo | None = None
     status: int = 200
 
@@ -162,7 +130,3 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-
-
-class ErrorBody(BaseModel):
-    error: ErrorInfo

@@ -1,5 +1,5 @@
-"""Command line: `python -m medusa_core generate|prepare|convert|train|eval|tune-tree [...]` (train/eval/tune-tree:
-commands.py).
+"""Command line: `python -m medusa_core generate|prepare|convert|replies|train|eval|tune-tree [...]` (replies, train,
+eval and tune-tree: tools/commands.py).
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -9,10 +9,12 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import get_args
 
-from medusa_core.tools import commands
 from medusa_core.config import DEFAULT_CONFIG, ConfigError, load_config
 from medusa_core.heads import HeadsFormatError
+from medusa_core.request import Acceptance, Mode
+from medusa_core.tools import commands
 
 
 def _positive_int(s: str) -> int:
@@ -30,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
     gen.add_argument("--max-tokens", type=_positive_int, default=None, help="new tokens (default: config)")
-    gen.add_argument("--mode", choices=["medusa", "plain"], default="medusa")
+    gen.add_argument("--mode", choices=get_args(Mode), default="medusa")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--acceptance", choices=["greedy", "typical", "lossless"], default=None,
+    gen.add_argument("--acceptance", choices=get_args(Acceptance), default=None,
                      help="default: greedy at temperature 0, lossless above it")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -54,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from medusa_core.generator import TextRequest, load_generator
-    from medusa_core.sampling import SamplingParams
+    from medusa_core.generator import load_generator
+    from medusa_core.request import Request, SamplingParams
 
-    sampling = SamplingParams(args.temperature, args.top_p, args.seed, args.acceptance)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              acceptance=args.acceptance)
     config = load_config(args.config)
     if config.tree.adaptive is not None:  # one request: time the steps of batch size 1 only
         adaptive = config.tree.adaptive.model_copy(update={"max_batch": 1})
         config = config.model_copy(update={"tree": config.tree.model_copy(update={"adaptive": adaptive})})
     generator = load_generator(config)
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt_ids = generator.encode_chat(messages) if args.chat else generator.encode(args.prompt)
-    request = TextRequest(tuple(prompt_ids), args.max_tokens or generator.default_max_tokens(len(prompt_ids)), sampling,
-                          args.mode, tuple(args.stop), args.ignore_eos)
+    text = {"messages": ({"role": "user", "content": args.prompt},)} if args.chat else {"prompt": args.prompt}
+    request = Request(**text, max_tokens=args.max_tokens, sampling=sampling, mode=args.mode, stop=tuple(args.stop),
+                      ignore_eos=args.ignore_eos)
     result = generator.generate([request])[0]
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),

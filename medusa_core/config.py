@@ -1,10 +1,12 @@
 """Model and decoding settings: strict pydantic models for `configs/*.yaml`, and `load_config(path)`.
 
 Every knob has one home here; unknown keys are errors (`extra="forbid"`), and a bad value names its field.
-Relative paths in a config file resolve against the repository root (the folder holding `configs/`).
+Relative paths in a config file resolve against the repository root (the folder holding `configs/`). What the code
+makes (converted models, step costs, training caches) goes under `cache_root()`, outside the source tree.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -70,7 +72,8 @@ class BaseModelConfig(Strict):
     context_length: int | None = Field(None, gt=0, description="Cap on prompt + generated tokens.")
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's own.")
     cache_dir: str | None = Field(
-        ".cache/models", description="Where a converted copy of a GGUF-loaded model is kept (repo-relative)."
+        None, description="Where converted copies of a GGUF-loaded model are kept (relative: to the repo root); "
+        "default: <cache root>/models, the cache root being $MEDUSA_CACHE or ~/.cache/medusa-serve."
     )
     llamacpp: LlamaCppConfig = Field(LlamaCppConfig(), description="llama.cpp context (backend: llamacpp only).")
 
@@ -191,6 +194,19 @@ def load_config(path: str | Path) -> GeneratorConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{path}: {problems}") from e
+
+
+def cache_root() -> Path:
+    """Where models, step costs and training caches are kept: $MEDUSA_CACHE, else the user's cache folder. Never the
+    source tree, so an installed package, a read-only checkout and several checkouts all work (and share it)."""
+    if root := os.environ.get("MEDUSA_CACHE"):
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medusa-serve"
+
+
+def models_cache(config: BaseModelConfig) -> Path:
+    """The folder for a model's converted copies (tokenizer, dequantized or re-encoded weights)."""
+    return resolve_repo_path(config.cache_dir) if config.cache_dir else cache_root() / "models"
 
 
 def resolve_repo_path(p: str) -> Path:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from medusa_core.backends import Backend
-from medusa_core.sampling import SamplingParams, choose_token
+from medusa_core.request import Request
+from medusa_core.sampling import choose_token
 from medusa_core.tree import TreeBuffers, plain_tree
 from medusa_core.verify import Accepted, accept
 
@@ -31,17 +32,8 @@ class Drafter(Protocol):
 
 
 @dataclass(frozen=True)
-class DecodeRequest:
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    speculate: bool = True  # False: plain decoding
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
 class StepEvent:
-    request: int  # the caller's key for the request (its index, for `decode`)
+    key: int  # the caller's key for the request (its index, for `decode`)
     tokens: tuple[int, ...]  # tokens emitted for this request in this step
     accept_len: int | None  # speculated tokens accepted; None for the prefill
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled"
@@ -50,7 +42,7 @@ class StepEvent:
 
 @dataclass
 class _Row:
-    request: DecodeRequest
+    request: Request  # prepared: prompt_ids and max_tokens set
     seed: int  # keys the row's samples (sampling.choose_token)
     history: list[int]
     emitted: int = 0
@@ -79,7 +71,7 @@ def propose(root: Tensor, candidates: Tensor | None, tree: TreeBuffers) -> Tenso
     return flat[:, tree.candidate_index]
 
 
-def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, requests: list[DecodeRequest],
+def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, requests: list[Request],
            epsilon: float = 0.09, alpha: float = 0.3, is_cancelled: Callable[[int], bool] = lambda i: False
            ) -> Iterator[list[StepEvent]]:
     """Yield, per step, one event for each request still in the batch; `is_cancelled(i)` drops request i."""
@@ -95,9 +87,11 @@ def decode(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, 
         yield events
 
 
-def admit(backend: Backend, batch: Batch | None, requests: dict[int, DecodeRequest]) -> tuple[Batch, list[StepEvent]]:
+def admit(backend: Backend, batch: Batch | None, requests: dict[int, Request]) -> tuple[Batch, list[StepEvent]]:
     """Prefill new requests (keyed by the caller's id) and add them to the running batch; emits their first token."""
     keys, new = tuple(requests), list(requests.values())
+    if any(not r.prompt_ids or r.max_tokens is None for r in new):
+        raise ValueError("a request joins the batch with prompt_ids and max_tokens set (MedusaGenerator.prepare)")
     rows = tuple(_Row(r, r.sampling.row_seed(), list(r.prompt_ids)) for r in new)
     fwd, cache = backend.prefill([r.prompt_ids for r in new], None if batch is None else batch.cache)
     roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.seed, len(r.history))
@@ -132,7 +126,7 @@ def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]
 def advance(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None, batch: Batch, epsilon: float = 0.09,
             alpha: float = 0.3) -> tuple[Batch, list[StepEvent]]:
     """One decode step of the whole batch; plain decoding (the root-only tree) when no row speculates."""
-    if drafter is None or tree is None or not any(r.request.speculate for r in batch.rows):
+    if drafter is None or tree is None or not any(r.request.mode == "medusa" for r in batch.rows):
         tree = plain_tree()
     acc, tokens, hidden = step(backend, drafter, tree, batch.cache, batch.roots, batch.hidden, list(batch.rows),
                                epsilon, alpha)
@@ -144,7 +138,7 @@ def advance(backend: Backend, drafter: Drafter | None, tree: TreeBuffers | None,
 def step(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, cache, roots: Tensor, hidden: Tensor,
          rows: list[_Row], epsilon: float, alpha: float) -> tuple[Accepted, Tensor, Tensor]:
     """One decode step for the batch: propose -> verify -> accept, then keep the accepted nodes in the cache."""
-    speculate = torch.tensor([r.request.speculate for r in rows])
+    speculate = torch.tensor([r.request.mode == "medusa" for r in rows])
     candidates = None
     if tree.num_nodes > 1:
         candidates = drafter.draft(hidden, roots, [r.history for r in rows], tree.max_depth, tree.top_k, backend)
@@ -178,7 +172,7 @@ def _emit(row: _Row, new: list[int], accept_len: int | None, eos: tuple[int, ...
             row.finish_reason = "stop"
             break
         out.append(t)
-        if row.emitted + len(out) >= row.request.max_new_tokens:
+        if row.emitted + len(out) >= row.request.max_tokens:
             row.finish_reason = "length"
             break
     row.emitted += len(out)

@@ -1,6 +1,7 @@
 """Text in, text out: prompts and chat messages -> token ids -> the decode loop -> text, stop strings and stats.
 
-`load_generator(config)` builds the backend, heads and tree from a validated config; `DecodeSession` is a
+`load_generator(config)` builds the backend, heads and tree from a validated config; `prepare` fills in a
+`Request`'s token ids and budget and checks it against the context window; `DecodeSession` is a
 running batch that requests join and leave between steps (continuous batching) and turns decode events into text
 deltas; `MedusaGenerator.stream` decodes a fixed list of requests with one, and `generate` collects them.
 """
@@ -12,19 +13,18 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from medusa_core.adaptive import TreePolicy, load_or_calibrate, shipped_prior
 from medusa_core.backends import Backend, load_backend
-from medusa_core.config import GeneratorConfig, HeadsConfig, resolve_repo_path
-from medusa_core.decode import Batch, DecodeRequest, Drafter, StepEvent, admit, advance, retire
+from medusa_core.config import GeneratorConfig, HeadsConfig, cache_root, resolve_repo_path
+from medusa_core.decode import Batch, Drafter, StepEvent, admit, advance, retire
 from medusa_core.heads import MedusaHeads, load_heads, random_heads
 from medusa_core.lookup import LookupDrafter
-from medusa_core.sampling import SamplingParams
+from medusa_core.request import Request, Stats
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
 COST_FORMAT = 5  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
@@ -39,35 +39,12 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
-class TextRequest:
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    mode: Literal["medusa", "plain"] = "medusa"
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int
-    generated_tokens: int
-    decode_steps: int  # verify passes after the prefill
-    mean_accepted_length: float  # tokens per decode step (accept_len + 1, averaged)
-    accepted_per_head: tuple[int, ...]  # how often head k's candidate was accepted
-    accept_len_histogram: tuple[int, ...]  # steps per accept_len 0..D
-    time_to_first_token_s: float
-    wall_time_s: float
-    tokens_per_second: float
-
-
-@dataclass(frozen=True)
 class TextDelta:
-    request: int
+    key: int  # the caller's key for the request
     text: str  # new text since the last delta
     token_ids: tuple[int, ...]
     finish_reason: str | None
-    stats: GenerationStats | None  # set on the final delta
+    stats: Stats | None  # set on the final delta
 
 
 @dataclass(frozen=True)
@@ -75,14 +52,14 @@ class GenerationResult:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
-    stats: GenerationStats
+    stats: Stats
 
 
 @dataclass
 class _Tracker:
     """Per-request text state: detokenizes incrementally, cuts at stop strings, and counts stats."""
 
-    request: TextRequest
+    request: Request
     start: float
     ids: list[int] = field(default_factory=list)
     sent: int = 0
@@ -112,37 +89,43 @@ class MedusaGenerator:
         """The config's max_new_tokens, capped to what the context window leaves after the prompt (at least 1)."""
         return max(1, min(self.config.decoding.max_new_tokens, self.backend.context_length - n_prompt))
 
-    def check(self, request: TextRequest) -> None:
-        """Raise RequestError if the request cannot fit the context window."""
-        n, ctx = len(request.prompt_ids), self.backend.context_length
+    def prepare(self, request: Request) -> Request:
+        """The request with its prompt tokenized (chat messages through the chat template) and its token budget set;
+        RequestError if it cannot fit the context window."""
+        ids = request.prompt_ids
+        if not ids and request.messages is not None:
+            ids = tuple(self.encode_chat([dict(m) for m in request.messages]))
+        elif not ids:
+            ids = tuple(self.encode(request.prompt or ""))
+        n, ctx = len(ids), self.backend.context_length
         if n == 0:
             raise RequestError("prompt is empty", "prompt")
         if n >= ctx:
             raise RequestError(f"prompt ({n} tokens) leaves no room in the context window of {ctx} tokens", "prompt")
-        if n + request.max_new_tokens > ctx:
-            raise RequestError(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
-                               f"context window of {ctx} tokens", "max_tokens")
+        max_tokens = request.max_tokens or self.default_max_tokens(n)
+        if n + max_tokens > ctx:
+            raise RequestError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context window of {ctx} "
+                               "tokens", "max_tokens")
+        return replace(request, prompt_ids=ids, max_tokens=max_tokens)
 
-    def generate(self, requests: list[TextRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[Request]) -> list[GenerationResult]:
         text = ["" for _ in requests]
         ids: list[list[int]] = [[] for _ in requests]
         final: dict[int, TextDelta] = {}
         for deltas in self.stream(requests):
             for d in deltas:
-                text[d.request] += d.text
-                ids[d.request] += d.token_ids
+                text[d.key] += d.text
+                ids[d.key] += d.token_ids
                 if d.finish_reason is not None:
-                    final[d.request] = d
+                    final[d.key] = d
         return [GenerationResult(text[i], tuple(ids[i]), final[i].finish_reason, final[i].stats)
                 for i in range(len(requests))]
 
-    def stream(self, requests: list[TextRequest], is_cancelled: Callable[[int], bool] = lambda i: False
+    def stream(self, requests: list[Request], is_cancelled: Callable[[int], bool] = lambda i: False
                ) -> Iterator[list[TextDelta]]:
         """Decode all requests together (at most backend.max_rows at once, the rest join as rows finish); yield the
         text each one gained per step. `is_cancelled(i)` stops one."""
-        for r in requests:
-            self.check(r)
-        session, waiting = DecodeSession(self, is_cancelled), dict(enumerate(requests))
+        session, waiting = DecodeSession(self, is_cancelled), dict(enumerate(map(self.prepare, requests)))
         while True:
             room = len(waiting) if self.backend.max_rows is None else self.backend.max_rows - session.rows
             deltas = session.step({k: waiting.pop(k) for k in list(waiting)[:room]})
@@ -166,11 +149,10 @@ class DecodeSession:
     def rows(self) -> int:
         return len(self.batch.rows) if self.batch is not None else 0
 
-    def step(self, new: Mapping[int, TextRequest] | None = None) -> list[TextDelta]:
+    def step(self, new: Mapping[int, Request] | None = None) -> list[TextDelta]:
         """Drop ended rows, advance the batch one step, then prefill `new` into it; the text each request gained."""
         g, events = self.generator, []
-        for r in (new or {}).values():
-            g.check(r)
+        new = {k: g.prepare(r) for k, r in (new or {}).items()}
         if self.batch is not None:  # a closed tracker (stop string hit) cancels its row
             self.batch, events = retire(g.backend, self.batch, lambda k: k not in self.trackers or self.is_cancelled(k))
         if self.batch is not None:
@@ -178,12 +160,12 @@ class DecodeSession:
         if new:
             now = time.perf_counter()
             self.trackers.update({k: _Tracker(r, now) for k, r in new.items()})
-            self.batch, first = admit(g.backend, self.batch, {k: _decode_request(r) for k, r in new.items()})
+            self.batch, first = admit(g.backend, self.batch, new)
             events += first
-        deltas = [self._delta(self.trackers[e.request], e) for e in events if e.request in self.trackers]
+        deltas = [self._delta(self.trackers[e.key], e) for e in events if e.key in self.trackers]
         for d in deltas:
             if d.finish_reason is not None:
-                del self.trackers[d.request]
+                del self.trackers[d.key]
         return deltas
 
     def _advance(self) -> list[StepEvent]:
@@ -195,7 +177,7 @@ class DecodeSession:
         self.batch, events = advance(g.backend, g.drafter, tree, self.batch, dec.typical_epsilon, dec.typical_alpha)
         seconds = time.perf_counter() - start
         if g.policy is not None:
-            medusa = [e for e in events if self.trackers[e.request].request.mode == "medusa"]
+            medusa = [e for e in events if self.trackers[e.key].request.mode == "medusa"]
             g.policy.time_step(rows, tree if medusa else g.policy.trees[0], seconds)  # no medusa row: a plain step
             if tree.num_nodes > 1:
                 g.policy.observe(tree, [e.accepted_path for e in medusa])
@@ -222,25 +204,22 @@ class DecodeSession:
         tr.sent = max(safe, tr.sent)
         reason = tr.finish_reason or ("cancelled" if done else None)
         stats = self._stats(tr, now) if done else None
-        return TextDelta(event.request, text, event.tokens, reason, stats)
+        return TextDelta(event.key, text, event.tokens, reason, stats)
 
-    def _stats(self, tr: _Tracker, now: float) -> GenerationStats:
+    def _stats(self, tr: _Tracker, now: float) -> Stats:
         steps = len(tr.accept_lens)
         depth = max(self.generator.tree.max_depth, max(tr.accept_lens, default=0))
         hist = [tr.accept_lens.count(a) for a in range(depth + 1)]
         per_head = [sum(1 for a in tr.accept_lens if a > k) for k in range(depth)]
         wall = now - tr.start
-        return GenerationStats(
-            prompt_tokens=len(tr.request.prompt_ids), generated_tokens=len(tr.ids), decode_steps=steps,
+        return Stats(
+            mode=tr.request.mode, prompt_tokens=len(tr.request.prompt_ids), generated_tokens=len(tr.ids),
+            decode_steps=steps,
             mean_accepted_length=(sum(tr.accept_lens) + steps) / steps if steps else 0.0,
             accepted_per_head=tuple(per_head), accept_len_histogram=tuple(hist),
             time_to_first_token_s=(tr.first_token_at or now) - tr.start, wall_time_s=wall,
             tokens_per_second=len(tr.ids) / wall if wall > 0 else 0.0,
         )
-
-
-def _decode_request(r: TextRequest) -> DecodeRequest:
-    return DecodeRequest(r.prompt_ids, r.max_new_tokens, r.sampling, r.mode == "medusa", r.ignore_eos)
 
 
 def _stop_at(text: str, stops: tuple[str, ...], sent: int) -> int | None:
@@ -305,7 +284,7 @@ def _cost_file(config: GeneratorConfig, heads: MedusaHeads) -> Path:
                       sorted((name, tuple(p.shape)) for name, p in heads.named_parameters()),
                       config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
-    return resolve_repo_path(".cache/medusa") / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return cache_root() / "medusa" / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def load_generator(config: GeneratorConfig) -> MedusaGenerator:

@@ -1,4 +1,4 @@
-"""Per-request sampling settings and the one function that picks a token from logits.
+"""The one function that picks a token from logits, with a request's sampling settings (`request.SamplingParams`).
 
 A sample is keyed, not drawn from a running generator: the token at sequence position i is the Gumbel-max of the
 tempered, top_p-filtered distribution with noise seeded by (the request's seed, i). The same seed and the same
@@ -8,42 +8,13 @@ what makes seeded Medusa sampling equal plain sampling token for token (docs/des
 from __future__ import annotations
 
 import hashlib
-import random
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-Acceptance = Literal["greedy", "typical", "lossless"]
+from medusa_core.request import SamplingParams
+
 TINY = torch.finfo(torch.float32).tiny  # a float64 temperature below it is 0 in float32
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    acceptance: Acceptance | None = None  # None: greedy at temperature 0, else lossless
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.acceptance == "greedy" and self.temperature > 0:
-            raise ValueError("acceptance 'greedy' needs temperature 0")
-
-    @property
-    def mode(self) -> Acceptance:
-        """The acceptance rule in force: every rule reduces to greedy at temperature 0."""
-        if self.temperature == 0:
-            return "greedy"
-        return self.acceptance or "lossless"
-
-    def row_seed(self) -> int:
-        """The seed this request's samples are keyed by: its own, or a fresh random one."""
-        return random.getrandbits(63) if self.seed is None else self.seed
 
 
 def gumbel_noise(seed: int, position: int, vocab: int) -> Tensor:

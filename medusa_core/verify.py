@@ -90,13 +90,13 @@ def accept(tokens: Tensor, logits: Tensor, tree: TreeBuffers, params: list[Sampl
     nodes = tree.leaf_nodes[leaf].clone()  # [B, D+1]
     bonus = torch.empty(B, dtype=torch.long)
     for b in range(B):
-        mode = params[b].mode if bool(speculate[b]) else "plain"
-        if mode == "typical":
+        rule = params[b].rule if bool(speculate[b]) else "plain"
+        if rule == "typical":
             ok, score = typical_node_ok(tokens[b : b + 1], logits[b : b + 1], tree, params[b].temperature,
                                         epsilon, alpha)
             row_leaf, row_len = longest_path(ok, tree, score)
             nodes[b], accept_len[b] = tree.leaf_nodes[row_leaf[0]], row_len[0]
-        elif mode == "lossless":
+        elif rule == "lossless":
             path, bonus[b] = walk_tree(tokens[b], logits[b], tree, params[b], seeds[b], positions[b])
             nodes[b] = torch.tensor([0] + path + [0] * (nodes.shape[1] - 1 - len(path)))
             accept_len[b] = len(path)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from medusa_core.decode import DecodeRequest, admit, advance, decode, retire
+from medusa_core.decode import admit, advance, decode, retire
+from medusa_core.request import Request
 
 NEAR_TIE = 1e-3  # top-2 logit gap under which float reordering may legitimately flip an argmax
 
@@ -15,20 +16,21 @@ NEAR_TIE = 1e-3  # top-2 logit gap under which float reordering may legitimately
 def run_decode(backend, drafter, tree, prompts, max_new_tokens, speculate=True, sampling=None):
     """Token ids per prompt, decoded together in one batch, EOS ignored."""
     kwargs = {} if sampling is None else {"sampling": sampling}
-    reqs = [DecodeRequest(tuple(p), max_new_tokens, speculate=speculate, ignore_eos=True, **kwargs)
+    reqs = [Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, mode="medusa" if speculate else "plain",
+                    ignore_eos=True, **kwargs)
             for p in prompts]
     out = [[] for _ in prompts]
     steps = 0
     for events in decode(backend, drafter, tree, reqs):
         steps += 1
         for e in events:
-            out[e.request].extend(e.tokens)
+            out[e.key].extend(e.tokens)
     return out, steps
 
 
 def run_staggered(backend, drafter, tree, prompts, max_new_tokens, join_at):
     """Continuous batching: request i joins the running batch before step join_at[i]; token ids per prompt."""
-    requests = {i: DecodeRequest(tuple(p), max_new_tokens, ignore_eos=True) for i, p in enumerate(prompts)}
+    requests = {i: Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True) for i, p in enumerate(prompts)}
     out = run_joining(backend, drafter, [tree], requests, dict(enumerate(join_at)), 10 * max_new_tokens)
     return [out[i] for i in range(len(prompts))]
 
@@ -49,7 +51,7 @@ def run_joining(backend, drafter, trees, requests: dict, join_at: dict, max_step
             batch, first = admit(backend, batch, new)
             events += first
         for e in events:
-            out[e.request].extend(e.tokens)
+            out[e.key].extend(e.tokens)
         if batch is None and step > max(join_at.values()):
             return out
     raise AssertionError("the staggered batch did not finish")
@@ -123,11 +125,11 @@ def load_hf_reference(base, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     from medusa_core.backends.hf import CpuLinear, _converted_gguf, resolve_source
-    from medusa_core.config import resolve_repo_path
+    from medusa_core.config import models_cache
 
     where = resolve_source(base.source)
     if base.gguf_file is not None:
-        where = str(_converted_gguf(where, base.gguf_file, resolve_repo_path(base.cache_dir)))
+        where = str(_converted_gguf(where, base.gguf_file, models_cache(base)))
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
                                                  attn_implementation="eager").to(device).eval()
     assert not any(isinstance(m, CpuLinear) for m in model.modules()), "the reference runs our CpuLinear"

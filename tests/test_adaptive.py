@@ -3,8 +3,8 @@ changes greedy or seeded output (embedded model, shipped heads, adaptive policy 
 from dataclasses import replace
 
 from medusa_core.adaptive import PRIOR_STEPS, TreePolicy, calibrate, prefix_trees, shipped_prior
-from medusa_core.generator import MedusaGenerator, TextRequest
-from medusa_core.sampling import SamplingParams
+from medusa_core.generator import MedusaGenerator
+from medusa_core.request import Request, SamplingParams
 from medusa_core.tree_presets import preset_paths
 
 PATHS = [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0], [1, 0]]  # 8 nodes, parents listed first
@@ -100,13 +100,13 @@ def test_adaptive_output_equals_plain(embedded_generator):
     adaptive = calibrate(gen.backend, gen.drafter, preset_paths("mc_16"), 10, max_batch=2, explore_share=0.5)
     assert all(s > 0 for row in adaptive.step_s for s in row)
     agen = MedusaGenerator(gen.config, gen.backend, gen.drafter, gen.tree, adaptive)
-    reqs = [TextRequest(tuple(gen.encode(p)), 24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
+    reqs = [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
     got = agen.generate(reqs)
-    ref = gen.generate([TextRequest(r.prompt_ids, 24, mode="plain", ignore_eos=True) for r in reqs])
+    ref = gen.generate([Request(prompt_ids=r.prompt_ids, max_tokens=24, mode="plain", ignore_eos=True) for r in reqs])
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
     # Seeded sampling (the default, lossless rule): the policy's changing tree must not change what a seed samples.
-    sampled = [replace(r, sampling=SamplingParams(0.8, seed=7)) for r in reqs]
+    sampled = [replace(r, sampling=SamplingParams(temperature=0.8, seed=7)) for r in reqs]
     got = agen.generate(sampled)
     ref = gen.generate([replace(r, mode="plain") for r in sampled])
     for g, r in zip(got, ref):

@@ -9,7 +9,7 @@ import torch
 from conftest import OracleDrafter
 from equivalence import MAX_NEAR_TIES, assert_same_or_near_tie, hf_generate, run_decode, run_staggered
 from medusa_core.heads import random_heads
-from medusa_core.sampling import SamplingParams
+from medusa_core.request import SamplingParams
 from medusa_core.tree import build_tree_buffers
 from medusa_core.tree_presets import preset_paths
 
@@ -61,18 +61,19 @@ def test_requests_joining_a_running_batch_equal_generate(tiny_backend, tiny_refs
 
 
 def test_mixed_plain_and_medusa_rows_in_one_batch(tiny_backend, tiny_refs):
-    from medusa_core.decode import DecodeRequest, decode
+    from medusa_core.decode import decode
+    from medusa_core.request import Request
 
     tree = build_tree_buffers(preset_paths("mc_16"), top_k=10)
     drafter = OracleDrafter(tiny_refs, 4, 256)
-    reqs = [DecodeRequest(p, N_NEW, speculate=(i != 1), ignore_eos=True) for i, p in enumerate(TINY_PROMPTS)]
+    reqs = [Request(prompt_ids=p, max_tokens=N_NEW, mode="plain" if i == 1 else "medusa", ignore_eos=True) for i, p in enumerate(TINY_PROMPTS)]
     out = {i: [] for i in range(3)}
     accept = {i: [] for i in range(3)}
     for events in decode(tiny_backend, drafter, tree, reqs):
         for e in events:
-            out[e.request] += e.tokens
+            out[e.key] += e.tokens
             if e.accept_len is not None:
-                accept[e.request].append(e.accept_len)
+                accept[e.key].append(e.accept_len)
     assert all(out[i] == tiny_refs[p] for i, p in enumerate(TINY_PROMPTS))
     assert set(accept[1]) == {0} and max(accept[0]) > 0
 

@@ -97,14 +97,14 @@ def test_prepare_names_a_bad_config(capsys):
 
 
 def test_prepare_times_the_tree_costs_that_a_replica_reads(tmp_path, monkeypatch, capsys):
-    """`prepare` (run by .ci/install, before Ray starts) leaves the adaptive tree's step costs in .cache/medusa, so a
+    """`prepare` (run by .ci/install, before Ray starts) leaves the adaptive tree's step costs in the cache root, so a
     replica loading the same config reads them instead of timing steps while Ray starts around it."""
     from medusa_core import adaptive
     from medusa_core.config import load_config
     from medusa_core.generator import load_generator
 
     # Same file name (the key: model, heads, tree, threads, CPU), an empty folder: the costs must come from this
-    # prepare, not from an earlier run's file in the shared .cache/medusa.
+    # prepare, not from an earlier run's file in the shared cache.
     cost_file = generator_module._cost_file
     monkeypatch.setattr(generator_module, "_cost_file", lambda c, h: tmp_path / cost_file(c, h).name)
     text = (REPO / "configs" / "smollm2-135m-llamacpp.yaml").read_text()
@@ -124,3 +124,30 @@ def test_prepare_times_the_tree_costs_that_a_replica_reads(tmp_path, monkeypatch
     finally:
         torch.set_num_threads(threads)  # the rest of this pytest process keeps its threads
     assert policy.batch_sizes == (1, 2) and all(s > 0 for row in policy.step_s for s in row)
+
+
+def test_eval_changes_the_heads_folder_only_with_write_card(tmp_path, capsys):
+    """`eval` prints (and writes --json); the shipped evaluation.json and model card change only with --write-card,
+    and then the card's hand-written part is kept."""
+    import shutil
+
+    from medusa_core.tools import replies
+    from medusa_core.tools.data import Encoded
+    from medusa_core.tools.model_card import HAND_WRITTEN
+
+    heads = tmp_path / "heads"
+    shutil.copytree(REPO / "heads" / "smollm2-135m-instruct", heads, ignore=shutil.ignore_patterns("replies"))
+    ids = list(range(100, 400))  # a held-out "reply" of 300 tokens: the cache is its prefill
+    replies.save_shard(replies.shard_path(tmp_path / "r", True, 0), [Encoded(ids, [False] * 20 + [True] * 280)])
+    before = {p.name: p.read_bytes() for p in heads.iterdir()}
+    argv = ["eval", "--heads", str(heads), "--data", "generated", "--replies", str(tmp_path / "r"), "--cache-dir",
+            str(tmp_path / "c"), "--eval-tokens", "300", "--trees", "chain_2", "--prompts", "1",
+            "--max-new-tokens", "4", "--json", str(tmp_path / "eval.json")]
+    assert run_main(capsys, *argv)[0] in (0, None)
+    assert {p.name: p.read_bytes() for p in heads.iterdir()} == before
+    assert json.loads((tmp_path / "eval.json").read_text())["max_new_tokens"] == 4
+    assert run_main(capsys, *argv, "--write-card")[0] in (0, None)
+    assert json.loads((heads / "evaluation.json").read_text())["max_new_tokens"] == 4
+    card = (heads / "README.md").read_text()
+    assert "x 4 new tokens" in card and card.partition(HAND_WRITTEN)[2] == \
+        before["README.md"].decode().partition(HAND_WRITTEN)[2]

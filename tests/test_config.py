@@ -94,3 +94,23 @@ def test_bad_llamacpp_config(tmp_path, change, field):
     text = LLAMACPP.replace(*change)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(write(tmp_path, text))
+
+
+def test_cache_root_is_a_setting_outside_the_source_tree(monkeypatch, tmp_path):
+    """Converted models, step costs and training caches go under $MEDUSA_CACHE, else the user's cache folder: never
+    the checkout, so a read-only checkout, an installed package and several checkouts all work."""
+    from medusa_core.config import REPO_ROOT, cache_root, models_cache
+
+    served = load_config(Path(REPO_ROOT, "configs", "smollm2-135m-llamacpp.yaml")).base_model
+    monkeypatch.setenv("MEDUSA_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c" and models_cache(served) == tmp_path / "c" / "models"
+    monkeypatch.delenv("MEDUSA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "medusa-serve"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "medusa-serve"
+    assert models_cache(served.model_copy(update={"cache_dir": "/srv/models"})) == Path("/srv/models")
+    for folder in ("medusa_core", "deployments"):  # no code path writes a cache into the source tree by itself
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            assert '".cache/' not in text and 'ROOT / ".cache"' not in text, f"{path}: a cache inside the checkout"

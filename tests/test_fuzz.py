@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from serve_harness import MODEL, REPO, SERVED_CONFIG, post
 from test_reliability import CLIENT_TIMEOUT_S, is_error_body
 
-from deployments.schemas import MedusaStats, Usage
+from deployments.schemas import Usage
 
 pytestmark = pytest.mark.ray
 ST_CONFIG = Path(__file__).parent / "schemathesis.toml"
@@ -81,6 +81,23 @@ def test_hypothesis_json_fuzz_gets_4xx(server, path, body):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MedusaStats(_Strict):
+    """The `medusa` object of every response, as the README lists it."""
+
+    mode: Literal["medusa", "plain"]
+    prompt_tokens: int
+    generated_tokens: int
+    decode_steps: int
+    mean_accepted_length: float
+    accepted_per_head: list[int]
+    accept_len_histogram: list[int]
+    time_to_first_token_s: float
+    wall_time_s: float
+    tokens_per_second: float
+    batch_size: int
+    queue_wait_s: float
 
 
 class _TextChoice(_Strict):

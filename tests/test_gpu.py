@@ -34,12 +34,8 @@ from serve_harness import REPO, complete, start_server
 from test_teacher_forced import CHAT, N_NEW, mean_tokens_per_step
 
 from medusa_core.config import DEFAULT_CONFIG, GeneratorConfig
-from medusa_core.generator import (
-    GenerationResult,
-    MedusaGenerator,
-    TextRequest,
-    load_generator,
-)
+from medusa_core.generator import GenerationResult, MedusaGenerator, load_generator
+from medusa_core.request import Request
 
 TREE = "mc_sim_7b_63"  # the deployed GPU tree (configs/vicuna-7b-v1.3.yaml)
 # Allowance below the fp32 max logit: 128 x the dtype's machine epsilon (fp16 0.125, bf16 1.0). Measured with this
@@ -106,8 +102,8 @@ def decoded(request) -> Decoded:
     assert gen.backend.device.type == "cuda" and gen.backend.dtype == getattr(torch, request.param)
     assert gen.policy is None and gen.tree.num_nodes == 64
     prompts = [gen.encode_chat([{"role": "user", "content": text}]) for text in CHAT]
-    medusa = gen.generate([TextRequest(tuple(p), N_NEW, ignore_eos=True) for p in prompts])
-    plain = gen.generate([TextRequest(tuple(p), N_NEW, mode="plain", ignore_eos=True) for p in prompts])
+    medusa = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, ignore_eos=True) for p in prompts])
+    plain = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, mode="plain", ignore_eos=True) for p in prompts])
     return Decoded(request.param, gen, prompts, medusa, plain)
 
 
@@ -136,7 +132,7 @@ def test_batched_equals_alone(decoded, reference):
     d, tol = decoded, tolerance(decoded.dtype)
     ties, partings = 0, []
     for text, prompt, together in zip(CHAT, d.prompts, d.medusa):
-        alone = d.gen.generate([TextRequest(tuple(prompt), N_NEW, ignore_eos=True)])[0]
+        alone = d.gen.generate([Request(prompt_ids=tuple(prompt), max_tokens=N_NEW, ignore_eos=True)])[0]
         # The batch's tokens pass the same check in the test above, so a parting can only be at a near-tie.
         ties += check_teacher_forced(reference, prompt, list(alone.token_ids), tol, f"{d.dtype} alone {text!r}")
         if (i := first_parting(alone.token_ids, together.token_ids)) is not None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections import Counter
 
 import pytest
@@ -17,8 +18,9 @@ import torch
 from conftest import tiny_llama
 from equivalence import run_joining
 
-from medusa_core.decode import DecodeRequest, decode
-from medusa_core.sampling import SamplingParams, probabilities
+from medusa_core.decode import decode
+from medusa_core.request import Request, SamplingParams
+from medusa_core.sampling import probabilities
 from medusa_core.tree import build_tree_buffers, plain_tree
 from medusa_core.tree_presets import preset_paths
 
@@ -86,20 +88,20 @@ def sample_runs(backend, drafter, tree, params: SamplingParams, seeds: range, ma
                 speculate: bool = True) -> tuple[list[tuple[int, ...]], int]:
     """The tokens of one request per seed, decoded together; and for how many the third token was sampled at an
     accepted depth-1 node of the first step's tree (rather than in a later step)."""
-    reqs = [DecodeRequest(PROMPT, max_new_tokens, SamplingParams(params.temperature, params.top_p, s, "lossless"),
-                          speculate=speculate, ignore_eos=True) for s in seeds]
+    reqs = [Request(prompt_ids=PROMPT, max_tokens=max_new_tokens, mode="medusa" if speculate else "plain",
+                    sampling=replace(params, seed=s, acceptance="lossless"), ignore_eos=True) for s in seeds]
     tokens, first_step = [[] for _ in reqs], {}
     for events in decode(backend, drafter, tree, reqs):
         for e in events:
-            tokens[e.request] += e.tokens
+            tokens[e.key] += e.tokens
             if e.accept_len is not None:
-                first_step.setdefault(e.request, e.accept_len)
+                first_step.setdefault(e.key, e.accept_len)
     return [tuple(t) for t in tokens], sum(n >= 1 for n in first_step.values())
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.2, 0.9)])
 def test_medusa_samples_follow_the_exact_joint_law(tiny_backend, reference, temperature, top_p):
-    params = SamplingParams(temperature, top_p, acceptance="lossless")
+    params = SamplingParams(temperature=temperature, top_p=top_p, acceptance="lossless")
     law = exact_law(reference, params)
     medusa, from_tree = sample_runs(tiny_backend, TopKDrafter(reference), TREES["mc_16"], params, range(N))
     plain, _ = sample_runs(tiny_backend, None, None, params, range(N, 2 * N), speculate=False)
@@ -116,10 +118,11 @@ def test_medusa_samples_follow_the_exact_joint_law(tiny_backend, reference, temp
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_seeded_request_equals_plain_sampling_whatever_the_tree_and_batch(tiny_backend, reference, top_p):
     drafter = TopKDrafter(reference)
-    sampling = SamplingParams(0.8, top_p, seed=7, acceptance="lossless")
-    request = DecodeRequest(PROMPT, 24, sampling, ignore_eos=True)
+    sampling = SamplingParams(temperature=0.8, top_p=top_p, seed=7, acceptance="lossless")
+    request = Request(prompt_ids=PROMPT, max_tokens=24, sampling=sampling, ignore_eos=True)
     plain = run_joining(tiny_backend, None, [plain_tree()], {0: request}, {0: 0})[0]
-    others = {k: DecodeRequest((k, 3 * k, 7), 10 + 5 * k, SamplingParams(0.8, seed=100 + k), ignore_eos=True)
+    others = {k: Request(prompt_ids=(k, 3 * k, 7), max_tokens=10 + 5 * k,
+                        sampling=SamplingParams(temperature=0.8, seed=100 + k), ignore_eos=True)
               for k in range(1, 4)}
     runs = {
         "mc_16 alone": ([TREES["mc_16"]], {0: 0}),
@@ -134,6 +137,6 @@ def test_seeded_request_equals_plain_sampling_whatever_the_tree_and_batch(tiny_b
     steps_alone = sum(1 for _ in decode(tiny_backend, drafter, TREES["mc_16"], [request]))
     assert steps_alone < len(plain) - 4, "the tree must accept tokens for this test to mean anything"
     other_seed = run_joining(tiny_backend, None, [plain_tree()],
-                                        {0: DecodeRequest(PROMPT, 24, SamplingParams(0.8, top_p, seed=8),
+                                        {0: Request(prompt_ids=PROMPT, max_tokens=24, sampling=SamplingParams(temperature=0.8, top_p=top_p, seed=8),
                                                           ignore_eos=True)}, {0: 0})[0]
     assert other_seed != plain, "another seed must sample other tokens"

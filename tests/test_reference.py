@@ -49,13 +49,13 @@ def reference_decode(llm, prompt: list[int], n: int) -> tuple[list[int], list]:
 
 
 def test_greedy_medusa_equals_llama_cpp_create_completion(ours, reference):
-    from medusa_core.generator import TextRequest
+    from medusa_core.request import Request
 
     partings, speculated = [], 0
     for text in CHAT:
         prompt = ours.encode_chat([{"role": "user", "content": text}])
         ref, logits = reference_decode(reference, prompt, N_NEW)
-        got = ours.generate([TextRequest(tuple(prompt), N_NEW)])[0]
+        got = ours.generate([Request(prompt_ids=tuple(prompt), max_tokens=N_NEW)])[0]
         speculated += got.stats.generated_tokens - got.stats.decode_steps - 1  # tokens beyond one per step
         mine = list(got.token_ids)
         if mine == ref:

@@ -338,23 +338,32 @@ def test_replica_kill_fails_requests_cleanly_and_recovers(server):
 @pytest.mark.slow  # ~1 min: a health-check timeout, a replica restart and model load
 def test_unresponsive_replica_is_replaced(server):
     """A decoder that stops answering (SIGSTOP: a wedged native call looks the same) fails Ray's health check and is
-    replaced; from the failed check until the new replica runs /health says 503."""
+    replaced; from the failed check until a replica runs again /health says 503. The autoscaler may have started a
+    second replica meanwhile (the earlier tests' load is still in its look-back window): then that one serves and
+    /health rightly stays 200, which the test tells apart by the replicas' pids."""
     assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
     pid = server.decoder_pids()[0]
     os.kill(pid, signal.SIGSTOP)
     try:
-        stopped = time.monotonic()
-        while httpx.get(f"{server.url}/health", timeout=30).status_code == 200 and time.monotonic() - stopped < 60:
+        stopped, seen = time.monotonic(), []
+        while time.monotonic() - stopped < 120:
+            code, running = httpx.get(f"{server.url}/health", timeout=30).status_code, server.decoder_pids()
+            seen.append((round(time.monotonic() - stopped, 1), code, running))
+            if code == 503 or (pid not in running and running):  # down, or another replica serves
+                break
             time.sleep(0.5)
-        print(f"/health said 503 {time.monotonic() - stopped:.1f} s after the replica stopped")
-        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+        print(f"/health after the replica stopped (s, code, running pids): {seen[-3:]}")
+        assert code == 503 or (pid not in running and running), f"/health never said 503: {seen[-5:]}"
+        if code == 200:
+            print(f"another replica ({running}) served while {pid} was stopped")
         while pid in server.decoder_pids() and time.monotonic() - stopped < 120:
             time.sleep(1)
         assert pid not in server.decoder_pids(), "the unresponsive replica was not replaced"
     finally:
         with contextlib.suppress(ProcessLookupError):  # Ray usually killed it already
             os.kill(pid, signal.SIGCONT)
-    assert server.wait_for_replicas({"RUNNING": 1}, timeout_s=180) == {"RUNNING": 1}
+    while server.decoder_replicas().get("RUNNING", 0) < 1 and time.monotonic() - stopped < 300:
+        time.sleep(1)
     assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
     print(f"unresponsive replica replaced and serving after {time.monotonic() - stopped:.0f} s")
 

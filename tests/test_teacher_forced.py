@@ -3,7 +3,7 @@
 `HFBackend` patches the model it runs in place (every nn.Linear becomes `CpuLinear`, attention runs through
 `gqa_sdpa`), so a `generate()` on `backend.model` runs our kernels too and cannot catch a bug in them. Here an
 unpatched transformers model, loaded afresh from the folder the embedded config's loader produces (the fp32
-conversion of the GGUF under .cache/models/) with transformers' eager attention, scores prompt + our output in one
+conversion of the GGUF under <cache root>/models/) with transformers' eager attention, scores prompt + our output in one
 forward pass (teacher forcing). At every generated position our token must be the reference's argmax, or its
 runner-up where its top-2 gap is below NEAR_TIE (1e-3): a near-tie, counted, at most MAX_NEAR_TIES per test.
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 from equivalence import MAX_NEAR_TIES, hf_scorer, near_ties
 
-from medusa_core.generator import MedusaGenerator, TextRequest
+from medusa_core.generator import MedusaGenerator
+from medusa_core.request import Request
 from medusa_core.tree import build_tree_buffers
 
 CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "Explain how a bicycle works.",
@@ -53,7 +54,7 @@ def test_greedy_medusa_is_the_unpatched_models_argmax(embedded_generator, refere
     gen = with_tree(embedded_generator, preset)
     assert gen.policy is None and gen.tree.num_nodes >= 17, gen.tree.num_nodes
     prompts = [gen.encode_chat([{"role": "user", "content": text}]) for text in CHAT]
-    results = gen.generate([TextRequest(tuple(p), N_NEW, ignore_eos=True) for p in prompts])
+    results = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, ignore_eos=True) for p in prompts])
     ties = 0
     for text, prompt, result in zip(CHAT, prompts, results):
         assert len(result.token_ids) == N_NEW, (text, len(result.token_ids))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from medusa_core.backends import Forward
 from medusa_core.backends.kernels import linear, pack, rows_linear
-from medusa_core.config import BaseModelConfig, Source, resolve_repo_path
+from medusa_core.config import BaseModelConfig, Source, models_cache, resolve_repo_path
 from medusa_core.tree import TreeBuffers
 
 
@@ -224,7 +224,7 @@ def load_model_and_tokenizer(config: BaseModelConfig):
     where = resolve_source(config.source)
     dtype = DTYPES[config.dtype]
     if config.gguf_file is not None:
-        where = str(_converted_gguf(where, config.gguf_file, resolve_repo_path(config.cache_dir)))
+        where = str(_converted_gguf(where, config.gguf_file, models_cache(config)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)

@@ -37,7 +37,7 @@ from torch import Tensor
 from medusa_core.backends import Forward
 from medusa_core.backends.gguf_files import quantize, route_llama_log_once
 from medusa_core.backends.kernels import rows_linear
-from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig, resolve_repo_path
+from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig, models_cache
 from medusa_core.tree import TreeBuffers
 
 GGML_TYPE = {"f32": 0, "f16": 1}
@@ -106,7 +106,7 @@ class LlamaCppBackend:
         gguf_path = Path(resolve_source(config.source)) / config.gguf_file
         if not gguf_path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-        cache_root = resolve_repo_path(config.cache_dir or ".cache/models")
+        cache_root = models_cache(config)
         tokenizer = load_gguf_tokenizer(gguf_path, cache_root)
         if config.llamacpp.requantize is not None:
             gguf_path = requantized(gguf_path, config.llamacpp.requantize, cache_root)

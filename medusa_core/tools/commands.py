@@ -1,6 +1,6 @@
 """The `train`, `eval` and `tune-tree` subcommands: data -> cache -> heads -> measurements -> tree.
 
-Caches of base-model hidden states are kept under `--cache-dir` (default `.cache/medusa/`), one folder per split,
+Caches of base-model hidden states are kept under `--cache-dir` (default `<cache root>/medusa/`), one folder per split,
 data and length, in shards of `replies.SHARD` conversations: training, evaluation and tuning reuse one expensive pass
 over the base model, a bigger `--train-tokens` only computes the shards it adds, and an interrupted build keeps its
 finished shards. A heads folder gets `training.json` and `evaluation.json` next to the weights, and its README.md
@@ -64,6 +64,8 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     ev.add_argument("--prompts", type=int, default=8, help="held-out chat prompts to decode")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--write-card", action="store_true", help="store the results as the heads folder's "
+                    "evaluation.json and re-render its model card (README.md); without it the folder is left as is")
     tt = sub.add_parser("tune-tree", help="build trees from measured accuracies and pick the fastest size")
     _common(tt, default_config)
     tt.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
@@ -75,7 +77,8 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
 
 def _common(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--config", default=default_config, help="model config YAML (default: embedded model)")
-    p.add_argument("--cache-dir", default=".cache/medusa", help="where hidden-state caches are kept")
+    p.add_argument("--cache-dir", default=None, help="where hidden-state caches are kept (default: "
+                   "<cache root>/medusa; the cache root is $MEDUSA_CACHE or ~/.cache/medusa-serve)")
     p.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (longer ones are cut)")
     p.add_argument("--eval-tokens", type=int, default=30_000, help="tokens of held-out text to cache")
     p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
@@ -97,15 +100,14 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     shard i is reply shard i) until the token budget is met (`args`: cache_dir, max_seq, train_tokens or
     eval_tokens); a bigger budget adds shards, an interrupted build resumes at a shard. Returns the joined cache and
     its shard files."""
-    from medusa_core.config import resolve_repo_path
-    from medusa_core.tools.distill import HiddenCache
-
+    from medusa_core.config import cache_root, resolve_repo_path
     from medusa_core.tools import replies
-    from medusa_core.tools.distill import build_cache
+    from medusa_core.tools.distill import HiddenCache, build_cache
 
     shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
-    folder = resolve_repo_path(args.cache_dir) / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
+    root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
+    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
     shards, paths, pool = [], [], None
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
@@ -265,9 +267,12 @@ def eval_command(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.heads is not None:
-        (Path(args.heads) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_card(Path(args.heads))
+    if args.write_card:
+        folder = Path(args.heads or config.heads.source)
+        if not folder.is_dir():
+            raise SystemExit(f"--write-card: {folder} is not a local heads folder")
+        (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_card(folder)
 
 
 def tune_tree_command(args: argparse.Namespace) -> None:
@@ -292,9 +297,12 @@ def tune_tree_command(args: argparse.Namespace) -> None:
 
 
 def write_card(folder: Path) -> None:
-    """Render README.md from training.json and evaluation.json (whichever exist)."""
-    from medusa_core.tools.model_card import render_card
+    """Render README.md from training.json and evaluation.json (whichever exist), keeping the card's hand-written
+    part (from `HAND_WRITTEN` on) as it is."""
+    from medusa_core.tools.model_card import HAND_WRITTEN, render_card
 
     train = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else None
     ev = json.loads((folder / "evaluation.json").read_text()) if (folder / "evaluation.json").is_file() else None
-    (folder / "README.md").write_text(render_card(train, ev))
+    card = folder / "README.md"
+    kept = card.read_text().partition(HAND_WRITTEN) if card.is_file() else ("", "", "")
+    card.write_text(render_card(train, ev) + ("\n" + kept[1] + kept[2] if kept[1] else ""))

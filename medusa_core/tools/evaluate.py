@@ -18,7 +18,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.decode import DecodeRequest, Drafter, decode
+from medusa_core.decode import Drafter, decode
+from medusa_core.request import Request
 from medusa_core.tools.distill import HiddenCache
 from medusa_core.heads import MedusaHeads
 from medusa_core.tools.train import cached_head_hidden, loss_positions
@@ -87,7 +88,7 @@ def run_tree(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, promp
     outputs, steps, seconds = [], 0, 0.0
     for p in prompts:
         out: list[int] = []
-        events = decode(backend, drafter, tree, [DecodeRequest(tuple(p), max_new_tokens, ignore_eos=True)])
+        events = decode(backend, drafter, tree, [Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True)])
         out += next(events)[0].tokens  # the prefill
         start = time.perf_counter()
         for ev in events:

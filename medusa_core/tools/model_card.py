@@ -1,6 +1,8 @@
 """The README.md model card of a heads folder, rendered from its training.json and evaluation.json."""
 from __future__ import annotations
 
+HAND_WRITTEN = "## How these heads were made"  # from this heading on, a card is prose that re-rendering keeps
+
 
 def render_card(train: dict | None, evaluation: dict | None) -> str:
     lines = ["# Medusa heads", ""]

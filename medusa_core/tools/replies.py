@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from medusa_core.backends import Backend
 from medusa_core.tools.data import Conversation, Encoded
-from medusa_core.decode import Batch, DecodeRequest, admit, advance, retire
+from medusa_core.decode import Batch, admit, advance, retire
+from medusa_core.request import Request
 
 SHARD = 64  # conversations per shard
 MIN_REPLY = 16  # a turn is answered only when at least this many reply tokens fit in max_seq
@@ -94,7 +95,7 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
     turns: dict[int, tuple[int, list[int]]] = {}  # batch key -> (conversation, reply so far); a key per turn
     ended: set[int] = set()  # turns that ended but still hold a row (decoding on, ignored) until a burst is out
     while waiting or batch is not None:
-        new: dict[int, DecodeRequest] = {}
+        new: dict[int, Request] = {}
         room = rows - (len(batch.rows) if batch else 0)
         while waiting and room - len(new) >= (1 if new else min(burst, len(waiting))) and len(new) < room:
             conversation = waiting.pop()
@@ -108,24 +109,24 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
         else:
             batch, events = advance(backend, None, None, batch)
         for e in events:
-            if e.request in ended:
+            if e.key in ended:
                 continue
-            conversation, reply = turns[e.request]
+            conversation, reply = turns[e.key]
             reply += e.tokens
             if bar is not None:
                 bar.update(len(e.tokens))
             if e.finish_reason is not None:  # plain decoding: a stopped row's last token is the one that stopped it
-                end = [batch.rows[batch.keys.index(e.request)].history[-1]] if e.finish_reason == "stop" else []
+                end = [batch.rows[batch.keys.index(e.key)].history[-1]] if e.finish_reason == "stop" else []
                 _end_turn(tok, dialogues[conversation], reply, end)
                 waiting.append(conversation)  # its next turn goes next, while its context is fresh
-                ended.add(e.request)
+                ended.add(e.key)
         if len(ended) >= min(burst, len(batch.rows)):
             batch, _ = retire(backend, batch, lambda key: False)
             ended.clear()
     return [Encoded(d.ids, d.assistant) if any(d.assistant) else Encoded([], []) for d in dialogues]
 
 
-def _next_turn(tok, d: _Dialogue, max_seq: int, max_reply: int) -> DecodeRequest | None:
+def _next_turn(tok, d: _Dialogue, max_seq: int, max_reply: int) -> Request | None:
     """The next user turn appended to the dialogue's ids, as a request; None when the conversation is over or the
     next reply would not fit in max_seq."""
     if not d.user_turns:
@@ -142,7 +143,7 @@ def _next_turn(tok, d: _Dialogue, max_seq: int, max_reply: int) -> DecodeRequest
         return None
     d.messages, d.text = messages, text
     d.ids, d.assistant = d.ids + new, d.assistant + [False] * len(new)
-    return DecodeRequest(tuple(d.ids), min(max_reply, room), speculate=False)
+    return Request(prompt_ids=tuple(d.ids), max_tokens=min(max_reply, room), mode="plain")
 
 
 def _end_turn(tok, d: _Dialogue, reply: list[int], end: list[int]) -> None:
