@@ -40,6 +40,9 @@ class DecoderOptions(BaseModel):
                                      "received it ends with a 504 error.")
 
 
+DEFAULTS = DecoderOptions()  # the batch knobs' one home: @serve.batch and the Engine start from these
+
+
 def checked_options(user_config: dict, max_rows: int | None) -> DecoderOptions:
     """The validated user_config; a batch larger than the rows the backend holds KV space for is a config error."""
     options = DecoderOptions.model_validate(user_config)
@@ -109,7 +112,7 @@ class Engine:
         self.waiting: list[Job] = []  # gathered by @serve.batch, admitted at the next step
         self.keys = itertools.count()
         self.task: asyncio.Task | None = None
-        self.max_rows = DecoderOptions().max_batch_size
+        self.max_rows = DEFAULTS.max_batch_size
         self.failed: str | None = None  # set when a step raised; check_health then reports the replica broken
         self.step_started: float | None = None  # while a step runs: when it began (a stuck backend shows here)
 
@@ -188,7 +191,7 @@ class Decoder:
     def __init__(self, config: GeneratorConfig) -> None:
         generator = load_generator(config)  # validated once, by the app builder
         self.engine = Engine(generator, DecoderMetrics(generator.tree.max_depth))
-        self.options = DecoderOptions()
+        self.options = DEFAULTS
 
     def reconfigure(self, user_config: dict) -> None:
         self.options = checked_options(user_config, self.engine.generator.backend.max_rows)
@@ -218,7 +221,7 @@ class Decoder:
         finally:
             job.cancelled = True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
     async def admit(self, jobs: list[Job]) -> list[None]:
         """Concurrent arrivals join the running batch together (one prefill for all of them)."""
         self.engine.submit(jobs)

@@ -22,7 +22,6 @@ lossless); it only moves the speed.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ import numpy as np
 import torch
 
 from medusa_core.backends import Backend
-from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
+from medusa_core.files import written_whole
 from medusa_core.timing import fastest_in_turns, timed_step
+from medusa_core.tree import Path, TreeBuffers, build_tree_buffers, validate_paths
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # nodes, root included; each one costs calibration time
 PRIOR_STEPS = 20  # the offline acceptance weighs as much as this many live steps of the node
@@ -137,11 +137,9 @@ def load_or_calibrate(backend: Backend, drafter, paths: Sequence[Sequence[int]],
             step_s = tuple(tuple(row) for row in saved["step_s"])
             return TreePolicy(trees, tuple(saved["batch_sizes"]), step_s, explore_share)
     policy = calibrate(backend, drafter, paths, top_k, max_batch, explore_share)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"nodes": [t.num_nodes for t in policy.trees], "batch_sizes": policy.batch_sizes,
-                               "step_s": policy.step_s}))
-    os.replace(tmp, cache_file)  # atomic: replicas starting together read a whole file or none
+    with written_whole(cache_file) as tmp:  # replicas starting together read a whole file or none
+        tmp.write_text(json.dumps({"nodes": [t.num_nodes for t in policy.trees], "batch_sizes": policy.batch_sizes,
+                                   "step_s": policy.step_s}))
     return policy
 
 

@@ -123,13 +123,13 @@ def random_heads(num_heads: int, hidden: int, seed: int, scale: float, dtype: to
     """Seeded random version-2 heads (shared lm_head); scale 0 gives the zero-initialised identity heads."""
     heads = MedusaHeads(num_heads, 1, hidden, vocab=None, head_vocab=head_vocab,
                         root_conditioned=root_conditioned or sequential, sequential=sequential)
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        heads.weight.copy_(torch.randn(heads.weight.shape, generator=g) * scale)
+        heads.weight.copy_(torch.randn(heads.weight.shape, generator=rng) * scale)
         if heads.root is not None:
-            heads.root.copy_(torch.randn(heads.root.shape, generator=g) * scale)
+            heads.root.copy_(torch.randn(heads.root.shape, generator=rng) * scale)
         if heads.prev is not None:
-            heads.prev.copy_(torch.randn(heads.prev.shape, generator=g) * scale)
+            heads.prev.copy_(torch.randn(heads.prev.shape, generator=rng) * scale)
     return heads.to(dtype).requires_grad_(False)
 
 

@@ -1,4 +1,4 @@
-"""The code's rooms keep their doors (docs/design.md, "Layout"): the engine never imports the tools, only
+"""The code's rooms keep their doors (docs/design.md, "Layout and words"): the engine never imports the tools, only
 `medusa_core/backends/` touches transformers or llama_cpp, `medusa_core/` never imports Ray Serve, FastAPI or the
 deployments (the tools' optional Ray Train path imports Ray inside its functions), and no modules import each
 other in a cycle. Read from the source with `ast`, so an import inside a function counts too."""

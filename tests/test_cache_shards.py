@@ -46,3 +46,21 @@ def test_bigger_budget_adds_shards_and_keeps_the_built_ones(embedded_generator, 
     assert bigger.tokens[: sum(len(s.ids) for s in first)].tolist() == [t for s in first for t in s.ids]
     tail = sorted(seqs[2 * len(paths): 2 * len(paths) + 2], key=lambda s: -len(s.ids))  # the added shard
     assert bigger.tokens[small.num_tokens:].tolist() == [t for s in tail for t in s.ids]
+
+
+def test_written_whole_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
+    """A write that dies midway (here: raises) leaves the previous file as it was and no temporary behind; a write
+    that ends replaces it in one rename. Shards, checkpoints, step costs and converted models are written so."""
+    from medusa_core.files import written_whole
+
+    target = tmp_path / "shard-0000.pt"
+    with written_whole(target) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError), written_whole(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with written_whole(tmp_path / "folder.tokenizer") as tmp:  # folders too
+        tmp.mkdir()
+        (tmp / "tokenizer.json").write_text("{}")
+    assert (tmp_path / "folder.tokenizer" / "tokenizer.json").is_file()

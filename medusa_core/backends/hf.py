@@ -17,7 +17,6 @@ accepted nodes to [len_b, len_b + keep_len_b) and crops the common length to the
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from medusa_core.backends import Forward
 from medusa_core.backends.kernels import linear, pack, rows_linear
 from medusa_core.config import BaseModelConfig, Source, models_cache, resolve_repo_path
+from medusa_core.files import written_whole
 from medusa_core.tree import TreeBuffers
 
 
@@ -256,8 +256,7 @@ def _converted_gguf(folder: str, gguf_file: str, cache_root: Path) -> Path:
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # atomic: a concurrent loader sees a whole folder or none
+    with written_whole(target) as tmp:  # a concurrent loader sees a whole folder or none
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target

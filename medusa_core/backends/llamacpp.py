@@ -38,6 +38,7 @@ from medusa_core.backends import Forward
 from medusa_core.backends.gguf_files import quantize, route_llama_log_once
 from medusa_core.backends.kernels import rows_linear
 from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig, models_cache
+from medusa_core.files import written_whole
 from medusa_core.tree import TreeBuffers
 
 GGML_TYPE = {"f32": 0, "f16": 1}
@@ -239,10 +240,8 @@ def requantized(src: Path, file_type: str, cache_root: Path) -> Path:
     cache_root/<stem>.<file_type>.gguf (~2 s for the embedded model)."""
     target = cache_root / f"{src.stem}.{file_type}.gguf"
     if not target.is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
-        quantize(src, tmp, file_type, allow_requantize=True)
-        os.replace(tmp, target)  # atomic: replicas starting together see a whole file or none
+        with written_whole(target) as tmp:  # replicas starting together see a whole file or none
+            quantize(src, tmp, file_type, allow_requantize=True)
     return target
 
 
@@ -254,7 +253,6 @@ def load_gguf_tokenizer(gguf_path: Path, cache_root: Path):
     if (target / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # atomic: a concurrent loader sees a whole folder or none
+    with written_whole(target) as tmp:
+        tokenizer.save_pretrained(tmp)
     return tokenizer

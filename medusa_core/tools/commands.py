@@ -156,9 +156,9 @@ def _sequences(backend, args, held_out: bool, skip: int) -> Iterator:
 
 
 def replies_command(args: argparse.Namespace) -> None:
-    from medusa_core.tools import replies
     from medusa_core.backends import load_backend
     from medusa_core.config import load_config, resolve_repo_path
+    from medusa_core.tools import replies
 
     config = load_config(args.config)
     base = config.base_model
@@ -235,10 +235,10 @@ def _load_heads(config, backend, folder: str | None):
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from medusa_core.tools import data as sharegpt
     from medusa_core.config import LookupConfig
-    from medusa_core.tools.evaluate import benchmark_trees, format_runs
     from medusa_core.lookup import LookupDrafter
+    from medusa_core.tools import data as sharegpt
+    from medusa_core.tools.evaluate import benchmark_trees, format_runs
     from medusa_core.tree import build_tree_buffers
     from medusa_core.tree_presets import preset_paths
 

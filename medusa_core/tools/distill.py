@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
+from medusa_core.files import written_whole
 from medusa_core.tools.data import Encoded
 
 LM_HEAD_FILE = "lm_head.pt"
@@ -44,14 +45,14 @@ class HiddenCache:
     def save(self, path: str | Path) -> None:
         """Per-token tensors to `path`; the lm_head to `lm_head.pt` in the same folder, once for all its shards."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         head = path.parent / LM_HEAD_FILE
         if not head.is_file():
-            torch.save(self.lm_head, head.with_suffix(".tmp"))
-            head.with_suffix(".tmp").replace(head)  # a kill mid-write leaves no half file behind
+            with written_whole(head) as tmp:  # a resumed build never reads half a file
+                torch.save(self.lm_head, tmp)
         elif not torch.equal(load_lm_head(path.parent), self.lm_head):
             raise ValueError(f"{path.parent} holds the cache of another model; use another --cache-dir")
-        torch.save({k: v for k, v in self.__dict__.items() if k != "lm_head"}, path)
+        with written_whole(path) as tmp:
+            torch.save({k: v for k, v in self.__dict__.items() if k != "lm_head"}, tmp)
 
     @classmethod
     def load(cls, path: str | Path, lm_head: Tensor | None = None) -> HiddenCache:

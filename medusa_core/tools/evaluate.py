@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from medusa_core.backends import Backend
 from medusa_core.decode import Drafter, decode
+from medusa_core.heads import MedusaHeads
 from medusa_core.request import Request
 from medusa_core.tools.distill import HiddenCache
-from medusa_core.heads import MedusaHeads
 from medusa_core.tools.train import cached_head_hidden, loss_positions
 from medusa_core.tree import TreeBuffers, plain_tree
 

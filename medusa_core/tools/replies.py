@@ -13,7 +13,6 @@ rebuilds the hidden-state cache from the shards by prefill alone (`commands.load
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.tools.data import Conversation, Encoded
 from medusa_core.decode import Batch, admit, advance, retire
+from medusa_core.files import written_whole
 from medusa_core.request import Request
+from medusa_core.tools.data import Conversation, Encoded
 
 SHARD = 64  # conversations per shard
 MIN_REPLY = 16  # a turn is answered only when at least this many reply tokens fit in max_seq
@@ -64,10 +64,8 @@ def save_shard(path: Path, sequences: list[Encoded]) -> None:
         raise ValueError("token ids above 65,535 do not fit the uint16 reply shards")
     offsets = np.cumsum([0] + [len(s.ids) for s in sequences])
     assistant = np.array([a for s in sequences for a in s.assistant], dtype=bool)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, ids=ids.astype(np.uint16), assistant=np.packbits(assistant), offsets=offsets)
-    os.replace(tmp, path)  # a kill mid-write leaves no half shard behind
+    with written_whole(path) as tmp:
+        np.savez_compressed(tmp, ids=ids.astype(np.uint16), assistant=np.packbits(assistant), offsets=offsets)
 
 
 def load_shard(path: Path) -> list[Encoded]:

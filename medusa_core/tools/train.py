@@ -11,7 +11,7 @@ the cache holds for free, so a head also learns how sure the base model is and w
 rank the tokens the base model finds plausible, at a fraction of the full-vocabulary cost; `vocab="full"` is the
 reference loss. Evaluation always ranks over the full vocabulary.
 
-Checkpoints hold the heads, the optimizer, the step and the batch sampler's generator state, so a resumed run is
+Checkpoints hold the heads, the optimizer, the step and the batch sampler's rng state, so a resumed run is
 bit-identical to an uninterrupted one. `train_ray` runs the same loop data-parallel on Ray Train workers
 (`TorchTrainer`; gloo on CPU, NCCL on GPU); gradients are averaged with an explicit all-reduce.
 
@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from medusa_core.tools.distill import HiddenCache, load_lm_head
+from medusa_core.files import written_whole
 from medusa_core.heads import MedusaHeads
+from medusa_core.tools.distill import HiddenCache, load_lm_head
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -125,11 +126,11 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
     heads = new_heads(cfg, cache.hidden.shape[1])
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    sampler = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     step, losses, spent = 0, [], 0.0
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        step, losses, spent = _load_checkpoint(ckpt, heads, opt, sched, sampler, cfg, rank)
+        step, losses, spent = _load_checkpoint(ckpt, heads, opt, sched, rng, cfg, rank)
     pool = loss_positions(cache)
     assert len(pool) > 0, "the cache holds no assistant tokens to train on"
     start = time.perf_counter() - spent
@@ -138,7 +139,7 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             print(f"time budget spent at step {step} of {cfg.steps}; run again to resume")
             break
-        positions = pool[torch.randint(len(pool), (cfg.batch_positions,), generator=sampler)]
+        positions = pool[torch.randint(len(pool), (cfg.batch_positions,), generator=rng)]
         loss = head_loss(heads, cache, positions, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +153,7 @@ def train(cache: HiddenCache, cfg: TrainConfig, out_dir: str | Path | None = Non
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
         if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
-            _save_checkpoint(ckpt, heads, opt, sched, sampler, step, losses, time.perf_counter() - start, cfg)
+            _save_checkpoint(ckpt, heads, opt, sched, rng, step, losses, time.perf_counter() - start, cfg)
     bar.close()
     return TrainResult(heads.requires_grad_(False), losses, step, time.perf_counter() - start)
 
@@ -163,18 +164,16 @@ def _all_reduce_grads(heads: MedusaHeads, world: int) -> None:
         p.grad /= world
 
 
-def _save_checkpoint(path: Path, heads, opt, sched, sampler, step: int, losses: list[float], seconds: float,
+def _save_checkpoint(path: Path, heads, opt, sched, rng, step: int, losses: list[float], seconds: float,
                      cfg: TrainConfig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "sampler": sampler.get_state(), "step": step, "losses": losses, "seconds": seconds,
+             "sampler": rng.get_state(), "step": step, "losses": losses, "seconds": seconds,
              "config": asdict(cfg)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a kill mid-write leaves the previous checkpoint intact
+    with written_whole(path) as tmp:  # a kill mid-write leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, heads, opt, sched, sampler, cfg: TrainConfig, rank: int
+def _load_checkpoint(path: Path, heads, opt, sched, rng, cfg: TrainConfig, rank: int
                      ) -> tuple[int, list[float], float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != asdict(cfg):
@@ -184,9 +183,9 @@ def _load_checkpoint(path: Path, heads, opt, sched, sampler, cfg: TrainConfig, r
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     if rank == 0:
-        sampler.set_state(state["sampler"])
-    else:  # other workers' samplers are not checkpointed: reseed them by step so they do not replay rank 0
-        sampler.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+        rng.set_state(state["sampler"])
+    else:  # other workers' rngs are not checkpointed: reseed them by step so they do not replay rank 0
+        rng.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
     return state["step"], list(state["losses"]), state["seconds"]
 
 
