@@ -64,3 +64,16 @@ def test_written_whole_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
         tmp.mkdir()
         (tmp / "tokenizer.json").write_text("{}")
     assert (tmp_path / "folder.tokenizer" / "tokenizer.json").is_file()
+
+
+def test_cache_on_the_llamacpp_backend_says_it_needs_transformers():
+    """Distillation needs every position's hidden state, which only the transformers backend gives: on llama.cpp
+    it says so instead of failing on a missing attribute."""
+    from medusa_core.backends import load_backend
+    from medusa_core.config import REPO_ROOT, load_config
+    from medusa_core.tools.data import Encoded
+    from medusa_core.tools.distill import build_cache
+
+    backend = load_backend(load_config(REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml").base_model)
+    with pytest.raises(ValueError, match="only the transformers backend"):
+        build_cache(backend, [Encoded([1, 2, 3], [False, True, True])])

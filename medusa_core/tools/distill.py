@@ -111,7 +111,13 @@ def load_lm_head(folder: str | Path) -> Tensor:
 
 def base_hidden(backend: Backend, ids: Tensor, attention: Tensor) -> Tensor:
     """ids [B, S] right-padded -> final-norm hidden states [B, S, H] (one plain causal forward pass)."""
-    # The backend's prefill returns only the last position; training needs all of them, so call the model body.
+    # The backend's prefill returns only the last position; training needs all of them, so call the model body,
+    # which only the transformers backend has.
+    from medusa_core.backends.hf import HFBackend
+
+    if not isinstance(backend, HFBackend):
+        raise ValueError("a hidden-state cache needs every position's hidden state, which only the transformers "
+                         "backend gives: use a model config with base_model.backend: hf")
     out = backend.model.model(input_ids=ids.to(backend.device), attention_mask=attention.to(backend.device))
     return out.last_hidden_state
 
@@ -147,5 +153,5 @@ def build_cache(backend: Backend, sequences: list[Encoded], top_k: int = 8, batc
         assistant=torch.tensor([a for s in ordered for a in s.assistant]),
         top_ids=torch.cat([t for _, t in parts]),
         seq_end=torch.repeat_interleave(ends, lengths),
-        lm_head=backend.model.lm_head.weight.detach().float().cpu().clone(),
+        lm_head=backend.lm_head_rows(torch.arange(backend.vocab_size)).detach().float().cpu().clone(),
     )
