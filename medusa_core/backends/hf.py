@@ -5,10 +5,9 @@ position ids (len_b + depth) and a transformers DynamicCache. No modeling file i
 
 On the CPU every nn.Linear of the model is swapped for `CpuLinear`, which runs each product with the kernel measured
 fastest for its row count (`kernels.linear`: (W @ x.T).T for 2-4 rows, oneDNN on a packed copy of the weight for
-one row and for more; up to 3x faster than nn.Linear's here), and attention runs through SDPA with `enable_gqa`
+one row and for more), and attention runs through SDPA with `enable_gqa`
 under the tree mask (`gqa_sdpa`, registered with transformers' AttentionInterface): transformers' own SDPA path
-copies every layer's keys and values once per query group whenever a mask is given, ~4.5 ms of a ~30 ms 4-node
-step.
+copies every layer's keys and values once per query group whenever a mask is given, a sizable share of a step.
 
 Cache layout: rows share one slot axis. Row b's tokens occupy slots [0, len_b); slots from len_b up to the common
 length hold stale entries that the mask hides. A verify pass appends T tree slots for every row; `keep` moves the

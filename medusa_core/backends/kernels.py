@@ -1,10 +1,10 @@
 """CPU matrix products for the backends' torch code (model linear layers, the heads' lm_head), chosen by rows.
 
-Decode steps and tree verifications multiply each weight by a handful of rows (B x T). On this machine MKL's kernel
-for x @ W.T with a few rows streams W 1.3-3x slower than the same product laid out as (W @ x.T).T, and both fall
-behind oneDNN's product on a weight packed once into its blocked layout from ~8 rows on (1.5-2x faster at 8-64 rows,
-and faster for one row on one thread). `python benchmarks/cpu_matmul.py [--threads N]` prints all three for every
-linear layer of the embedded model.
+Decode steps and tree verifications multiply each weight by a handful of rows (B x T). MKL's kernel for x @ W.T
+with a few rows streams W slower than the same product laid out as (W @ x.T).T, and both fall behind oneDNN's product
+on a weight packed once into its blocked layout for one row and from a few rows on. `python benchmarks/cpu_matmul.py
+[--threads N]` prints all three for every linear layer of the embedded model; the measured table is in
+benchmarks/README.md ("cpu_matmul.py").
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 # Without a packed weight, (W @ x.T).T beats nn.Linear's product up to this many rows per torch thread.
 ROWS_PER_THREAD = 4
-# With one, (W @ x.T).T still wins from 2 rows to this many on 1 and 2 threads (benchmarks/cpu_matmul.py: the packed
-# product is faster for one row and 1.6-2x faster from 8 rows on).
+# With one, (W @ x.T).T still wins from 2 rows to this many on 1 and 2 threads (benchmarks/cpu_matmul.py).
 FEW_ROWS = 4
 
 

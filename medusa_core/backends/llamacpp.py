@@ -237,7 +237,7 @@ def read_output_weight(gguf_path: Path) -> Tensor:
 
 def requantized(src: Path, file_type: str, cache_root: Path) -> Path:
     """`src` re-encoded as `file_type` by llama.cpp's quantizer (tensors dequantized first), made once into
-    cache_root/<stem>.<file_type>.gguf (~2 s for the embedded model)."""
+    cache_root/<stem>.<file_type>.gguf."""
     target = cache_root / f"{src.stem}.{file_type}.gguf"
     if not target.is_file():
         with written_whole(target) as tmp:  # replicas starting together see a whole file or none
