@@ -24,20 +24,43 @@ def _positive_int(s: str) -> int:
     return n
 
 
+def _temperature(s: str) -> float:
+    t = float(s)
+    if not 0 <= t <= 2:  # the HTTP API's bounds
+        raise argparse.ArgumentTypeError(f"must be in [0, 2], got {s}")
+    return t
+
+
+def _top_p(s: str) -> float:
+    p = float(s)
+    if not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return p
+
+
+def _prompt(s: str) -> str:
+    if not s:  # refused here, before the weights load
+        raise argparse.ArgumentTypeError("must not be empty")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medusa_core", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medusa_core", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen = sub.add_parser("generate", help="generate text for one prompt",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config YAML (default: embedded model)")
-    gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
+    gen.add_argument("--prompt", required=True, type=_prompt, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
     gen.add_argument("--max-tokens", type=_positive_int, default=None, help="new tokens (default: config)")
-    gen.add_argument("--mode", choices=get_args(Mode), default="medusa")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--mode", choices=get_args(Mode), default="medusa", help="medusa: speculate with the heads; "
+                     "plain: one token per step (the baseline)")
+    gen.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy, so a run is reproducible "
+                     "(the HTTP API defaults to 1, as OpenAI's does); at most 2, as over HTTP")
+    gen.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
     gen.add_argument("--acceptance", choices=get_args(Acceptance), default=None,
                      help="default: greedy at temperature 0, lossless above it")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="seeded sampling: the same tokens as plain sampling")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")

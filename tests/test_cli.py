@@ -73,12 +73,32 @@ def test_unknown_preset(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-tokens", "-5"], "--max-tokens: must be >= 1"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature: must be in [0, 2]"),
+    (["--temperature", "5"], "--temperature: must be in [0, 2]"),  # the HTTP API's bound
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["--max-tokens", "100000"], "exceeds the context window"),
 ])
 def test_bad_arguments(args, message, capsys):
     code, _, err = run_main(capsys, "generate", "--prompt", "x", *args)
     assert code == 2 and message in err
+
+
+def test_input_errors_come_before_the_weights_load(monkeypatch, capsys):
+    """An empty prompt is refused by the argument parser, before a model is loaded."""
+    def no_loading(config):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(generator_module, "load_generator", no_loading)
+    code, _, err = run_main(capsys, "generate", "--prompt", "")
+    assert code == 2 and "--prompt: must not be empty" in err
+
+
+def test_help_says_what_each_command_and_option_is(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "tools/commands.py)." in out  # the whole first paragraph, not a cut sentence
+    code, out, _ = run_main(capsys, "generate", "--help")
+    out = " ".join(out.split())  # argparse wraps lines
+    assert code == 0 and "(default: 0.0)" in out and "the HTTP API defaults to 1" in out
 
 
 def test_offline_hub_model_says_what_to_download(monkeypatch, capsys):
