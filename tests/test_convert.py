@@ -126,6 +126,7 @@ def test_quantized_files_load_and_generate(bpe_folder, tmp_path, quant, tensor_t
 
     folder, tokenizer = bpe_folder
     out = convert(folder, tmp_path / f"tiny.{quant}.gguf", "f16", quant=quant)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the float intermediate is gone, as is any temporary
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert tensor_type in types, types
     be = LlamaCppBackend(out, SETTINGS, tokenizer=None)

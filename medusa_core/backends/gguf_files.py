@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_core.files import written_whole
+
 QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
 FILE_TYPES = {**QUANT_TYPES, "F16": 1, "BF16": 32}  # what quantize() may write: F16/BF16 re-encode a quantized file
@@ -54,15 +56,22 @@ class Vocab:
 
 def convert(folder: str | Path, out: str | Path, outtype: str = "f16", quant: str | None = None,
             threads: int | None = None, tokenizer_pre: str | None = None) -> Path:
-    """Write `out` (f32/f16 GGUF); with `quant`, quantize it into `out` and keep the float file beside it."""
+    """Write `out`: an f32/f16 GGUF, or with `quant` that file quantized (the float file is an intermediate, removed).
+    `out` appears whole or not at all."""
     folder, out = Path(folder), Path(out)
     if quant is not None and quant not in QUANT_TYPES:
         raise ConversionError(f"unknown quantization {quant!r}; known: {', '.join(QUANT_TYPES)}")
-    float_path = out if quant is None else out.with_name(f"{out.stem}.{outtype}.gguf")
-    write_gguf(folder, float_path, outtype, tokenizer_pre)
-    if quant is None:
-        return out
-    return quantize(float_path, out, quant, threads)
+    with written_whole(out) as tmp:
+        if quant is None:
+            write_gguf(folder, tmp, outtype, tokenizer_pre)
+        else:
+            float_path = tmp.with_name(f"{tmp.stem}.{outtype}.gguf")  # an intermediate: `out` is what was asked for
+            try:
+                write_gguf(folder, float_path, outtype, tokenizer_pre)
+                quantize(float_path, tmp, quant, threads)
+            finally:
+                float_path.unlink(missing_ok=True)
+    return out
 
 
 def write_gguf(folder: Path, out: Path, outtype: str, tokenizer_pre: str | None = None) -> Path:
