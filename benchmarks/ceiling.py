@@ -32,8 +32,8 @@ def run(backend, drafter, tree, prompts, n: int, speculate: bool) -> tuple[list[
     outs, steps, start = [], 0, time.perf_counter()
     for p in prompts:
         out = []
-        for events in decode(backend, drafter, tree, [Request(prompt_ids=p, max_tokens=n, mode="medusa" if speculate else "plain",
-                                                              ignore_eos=True)]):
+        request = Request(prompt_ids=p, max_tokens=n, mode="medusa" if speculate else "plain", ignore_eos=True)
+        for events in decode(backend, drafter, tree, [request]):
             steps += 1
             out += events[0].tokens
         outs.append(out)

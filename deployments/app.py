@@ -1,7 +1,8 @@
 """The application builder named by serve_config.yaml: `import_path: deployments.app:build_app`.
 
 `args` in the YAML are validated by `AppArgs`; the model and decoding settings stay in the model config file it
-names, which is validated here, once, and handed to the Decoder replicas. Replicas, autoscaling and batching are set per deployment in the serve config, not here.
+names, which is validated here, once, and handed to the Decoder replicas. Replicas, autoscaling and batching are
+set per deployment in the serve config, not here.
 """
 from __future__ import annotations
 

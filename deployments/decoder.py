@@ -1,11 +1,12 @@
 """The Decoder deployment: one Medusa generator per replica; concurrent requests are decoded together.
 
-`stream(request)` tokenizes and checks one request (`MedusaGenerator.prepare`), then `admit`s it: `@serve.batch` gathers requests that arrive
-together and hands them to the replica's `Engine`, which keeps one running batch (a `DecodeSession`, one forward
-pass per step for all rows) and lets them join it at the next step: continuous batching, so a request never waits
-for a whole batch to finish. Each step runs in a worker thread so the replica's event loop stays free to admit,
-cancel and health-check requests; each step's text goes to the callers' queues. A caller that goes away (client
-disconnect) sets its job's `cancelled` flag and its row leaves the batch at the next step.
+`stream(request)` tokenizes and checks one request (`MedusaGenerator.prepare`), then `admit`s it: `@serve.batch`
+gathers requests that arrive together and hands them to the replica's `Engine`, which keeps one running batch (a
+`DecodeSession`, one forward pass per step for all rows) and lets them join it at the next step: continuous
+batching, so a request never waits for a whole batch to finish. Each step runs in a worker thread so the replica's
+event loop stays free to admit, cancel and health-check requests; each step's text goes to the callers' queues. A
+caller that goes away (client disconnect) sets its job's `cancelled` flag and its row leaves the batch at the next
+step.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The HTTP ingress: OpenAI-compatible routes, the original service's /generate and /compare, /health.
 
-Validation, routing and streaming only: every route turns its body into one `medusa_core.request.Request` and reads the decoder's
-stream of `DecodeChunk`s. No tensor code here. Every error, ours or the framework's, leaves as one OpenAI-style body
-`{"error": {"message", "type", "param", "code"}}` and never carries a stack trace or a file path.
+Validation, routing and streaming only: every route turns its body into one `medusa_core.request.Request` and
+reads the decoder's stream of `DecodeChunk`s. No tensor code here. Every error, ours or the framework's, leaves as
+one OpenAI-style body `{"error": {"message", "type", "param", "code"}}` and never carries a stack trace or a path.
 No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime to find the bodies.
 """
 

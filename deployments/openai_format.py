@@ -103,7 +103,8 @@ def legacy_generate(text: str, last: DecodeChunk) -> dict:
     # accepted length is 0.0, which would give a negative rate.
     rate = (s.mean_accepted_length - 1) / depth if s.mode == "medusa" and depth and s.decode_steps else 0.0
     return {"text": text, "generation_time": s.wall_time_s + s.queue_wait_s, "tokens_generated": s.generated_tokens,
-            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode, "medusa": dataclasses.asdict(s)}
+            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode,
+            "medusa": dataclasses.asdict(s)}
 
 
 def legacy_compare(medusa: dict, plain: dict) -> dict:

@@ -6,8 +6,8 @@ Both sides are measured, not assumed:
   candidate tree and batch sizes 1, 2, 4, ... (the trees in turns, best of 3 rounds: a replica calibrates while
   Ray is still starting around it); other batch sizes interpolate linearly. The timings (seconds, once per machine
   and settings) are kept in the cache root (`config.cache_root`) so that later replica starts skip them. Then each
-  step the policy runs is timed too (`time_step`) and its tree's cost at that batch size follows those live timings, so a
-  tree that a noisy calibration made look cheap stops being chosen once it has run a few times.
+  step the policy runs is timed too (`time_step`) and its tree's cost at that batch size follows those live
+  timings, so a tree that a noisy calibration made look cheap stops being chosen once it has run a few times.
 - gain: with distinct candidates among siblings, greedy acceptance accepts at most one node per depth, so a tree's
   tokens per step is 1 + the number of its nodes on the accepted path, and its expectation is 1 + the sum of its
   nodes' acceptance rates. `observe` counts, per node path, how often it was accepted out of the steps it was in

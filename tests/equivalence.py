@@ -30,7 +30,8 @@ def run_decode(backend, drafter, tree, prompts, max_new_tokens, speculate=True, 
 
 def run_staggered(backend, drafter, tree, prompts, max_new_tokens, join_at):
     """Continuous batching: request i joins the running batch before step join_at[i]; token ids per prompt."""
-    requests = {i: Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True) for i, p in enumerate(prompts)}
+    requests = {i: Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True)
+                for i, p in enumerate(prompts)}
     out = run_joining(backend, drafter, [tree], requests, dict(enumerate(join_at)), 10 * max_new_tokens)
     return [out[i] for i in range(len(prompts))]
 

@@ -100,7 +100,8 @@ def test_adaptive_output_equals_plain(embedded_generator):
     adaptive = calibrate(gen.backend, gen.drafter, preset_paths("mc_16"), 10, max_batch=2, explore_share=0.5)
     assert all(s > 0 for row in adaptive.step_s for s in row)
     agen = MedusaGenerator(gen.config, gen.backend, gen.drafter, gen.tree, adaptive)
-    reqs = [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=24, ignore_eos=True) for p in ["Hello, my name is", "def f(x):"]]
+    reqs = [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=24, ignore_eos=True)
+            for p in ["Hello, my name is", "def f(x):"]]
     got = agen.generate(reqs)
     ref = gen.generate([Request(prompt_ids=r.prompt_ids, max_tokens=24, mode="plain", ignore_eos=True) for r in reqs])
     for g, r in zip(got, ref):

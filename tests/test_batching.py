@@ -66,7 +66,8 @@ def test_mixed_plain_and_medusa_rows_in_one_batch(tiny_backend, tiny_refs):
 
     tree = build_tree_buffers(preset_paths("mc_16"), top_k=10)
     drafter = OracleDrafter(tiny_refs, 4, 256)
-    reqs = [Request(prompt_ids=p, max_tokens=N_NEW, mode="plain" if i == 1 else "medusa", ignore_eos=True) for i, p in enumerate(TINY_PROMPTS)]
+    reqs = [Request(prompt_ids=p, max_tokens=N_NEW, mode="plain" if i == 1 else "medusa", ignore_eos=True)
+            for i, p in enumerate(TINY_PROMPTS)]
     out = {i: [] for i in range(3)}
     accept = {i: [] for i in range(3)}
     for events in decode(tiny_backend, drafter, tree, reqs):

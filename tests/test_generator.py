@@ -18,7 +18,8 @@ def test_stop_string_cuts_text_and_streams_match(embedded_generator):
     assert " 8" in full.text, full.text
     cut = gen.generate([Request(prompt_ids=ids, max_tokens=20, stop=(" 8",), ignore_eos=True)])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(" 8")]
-    deltas = [d for step in gen.stream([Request(prompt_ids=ids, max_tokens=20, stop=(" 8",), ignore_eos=True)]) for d in step]
+    request = Request(prompt_ids=ids, max_tokens=20, stop=(" 8",), ignore_eos=True)
+    deltas = [d for step in gen.stream([request]) for d in step]
     assert "".join(d.text for d in deltas) == cut.text
     assert [d.finish_reason for d in deltas].count("stop") == 1 and deltas[-1].stats is not None
 

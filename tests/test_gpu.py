@@ -103,7 +103,8 @@ def decoded(request) -> Decoded:
     assert gen.policy is None and gen.tree.num_nodes == 64
     prompts = [gen.encode_chat([{"role": "user", "content": text}]) for text in CHAT]
     medusa = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, ignore_eos=True) for p in prompts])
-    plain = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, mode="plain", ignore_eos=True) for p in prompts])
+    plain = gen.generate([Request(prompt_ids=tuple(p), max_tokens=N_NEW, mode="plain", ignore_eos=True)
+                          for p in prompts])
     return Decoded(request.param, gen, prompts, medusa, plain)
 
 

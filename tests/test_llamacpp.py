@@ -177,7 +177,8 @@ def test_generator_text(gen):
     from medusa_core.request import Request
 
     ids = tuple(gen.encode_chat([{"role": "user", "content": "List the days of the week."}]))
-    medusa, plain = gen.generate([Request(prompt_ids=ids, max_tokens=24), Request(prompt_ids=ids, max_tokens=24, mode="plain")])
+    medusa, plain = gen.generate([Request(prompt_ids=ids, max_tokens=24),
+                                  Request(prompt_ids=ids, max_tokens=24, mode="plain")])
     assert medusa.token_ids == plain.token_ids and medusa.text.strip(), medusa.text
     # The shipped heads accept on this prompt: Medusa must take fewer steps than plain decoding, not merely as many.
     assert medusa.stats.decode_steps < plain.stats.decode_steps, (medusa.stats, plain.stats)
@@ -216,7 +217,8 @@ def test_more_requests_than_rows_wait_for_room(gen, small, score):
     from medusa_core.request import Request
 
     g = MedusaGenerator(gen.config, small, gen.drafter, build_tree_buffers(preset_paths("chain_2"), top_k=10))
-    requests = [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=8 + 4 * i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    requests = [Request(prompt_ids=tuple(gen.encode(p)), max_tokens=8 + 4 * i, ignore_eos=True)
+                for i, p in enumerate(PROMPTS)]
     together = g.generate(requests)
     assert [len(r.token_ids) for r in together] == [r.max_tokens for r in requests]
     alone = [list(g.generate([r])[0].token_ids) for r in requests]

@@ -136,7 +136,7 @@ def test_seeded_request_equals_plain_sampling_whatever_the_tree_and_batch(tiny_b
         assert got == plain, f"{name}: seeded tokens differ from plain sampling with the same seed"
     steps_alone = sum(1 for _ in decode(tiny_backend, drafter, TREES["mc_16"], [request]))
     assert steps_alone < len(plain) - 4, "the tree must accept tokens for this test to mean anything"
-    other_seed = run_joining(tiny_backend, None, [plain_tree()],
-                                        {0: Request(prompt_ids=PROMPT, max_tokens=24, sampling=SamplingParams(temperature=0.8, top_p=top_p, seed=8),
-                                                          ignore_eos=True)}, {0: 0})[0]
+    other = Request(prompt_ids=PROMPT, max_tokens=24, sampling=SamplingParams(temperature=0.8, top_p=top_p, seed=8),
+                    ignore_eos=True)
+    other_seed = run_joining(tiny_backend, None, [plain_tree()], {0: other}, {0: 0})[0]
     assert other_seed != plain, "another seed must sample other tokens"

@@ -103,8 +103,9 @@ def test_typical_step_accepts_the_likeliest_of_the_longest_paths(root_a, want):
 def test_typical_step_rejects_unlikely_candidates_and_samples_at_the_root():
     logits = torch.zeros(1, TREE.num_nodes, V)
     logits[0, 0, 0] = 8.0  # root peaked on 0 (proposed by no child): p(a), p(b) << epsilon
-    acc = accept(torch.tensor([[5, 1, 2, 3, 4, 6, 7]]), logits, TREE, [SamplingParams(temperature=1.0, acceptance="typical")],
-                 seeds=[0], positions=[10], speculate=torch.tensor([True]), epsilon=0.09, alpha=0.3)
+    params = [SamplingParams(temperature=1.0, acceptance="typical")]
+    acc = accept(torch.tensor([[5, 1, 2, 3, 4, 6, 7]]), logits, TREE, params, seeds=[0], positions=[10],
+                 speculate=torch.tensor([True]), epsilon=0.09, alpha=0.3)
     assert int(acc.accept_len[0]) == 0 and acc.nodes[0, 0] == 0
 
 

@@ -88,7 +88,8 @@ def run_tree(backend: Backend, drafter: Drafter | None, tree: TreeBuffers, promp
     outputs, steps, seconds = [], 0, 0.0
     for p in prompts:
         out: list[int] = []
-        events = decode(backend, drafter, tree, [Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True)])
+        request = Request(prompt_ids=tuple(p), max_tokens=max_new_tokens, ignore_eos=True)
+        events = decode(backend, drafter, tree, [request])
         out += next(events)[0].tokens  # the prefill
         start = time.perf_counter()
         for ev in events:
