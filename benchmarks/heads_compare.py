@@ -53,10 +53,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--replies", default="heads/smollm2-135m-instruct/replies")
     p.add_argument("--cache-dir", default=None, help="hidden-state caches (default: <cache root>/medusa)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the transformers model whose hidden states the heads learn from")
     p.add_argument("--served", default="configs/smollm2-135m-llamacpp.yaml", help="backend the decoding runs on")
     p.add_argument("--json", default="benchmarks/results/heads_compare.json")
     args = p.parse_args()
-    _, hf = config_and_backend("configs/smollm2-135m.yaml")  # fp32: the hidden states the heads learn from
+    _, hf = config_and_backend("configs/smollm2-135m.yaml", args.dtype)  # the hidden states the heads learn from
     heldout = _cache(hf, args, held_out=True, tokens=40_000)[0]
     served_config, served = config_and_backend(args.served)
     torch.set_num_threads(os.cpu_count() or 1)  # the served config sets torch to 1 thread (llama.cpp has the rest)

@@ -23,4 +23,4 @@ class AppArgs(BaseModel):
 def build_app(args: dict) -> Application:
     app_args = AppArgs.model_validate(args)
     config = load_config(resolve_repo_path(app_args.config))  # fail here, with the field named, not in a replica
-    return Ingress.bind(Decoder.bind(config), config.name)
+    return Ingress.bind(Decoder.bind(config), config.name, config.base_model.backend)

@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException
 
 from deployments import openai_format as fmt
 from deployments.guards import BodyGuard
-from deployments.schemas import (ChatRequest, CompareRequest, CompletionRequest, DecodeChunk, ErrorInfo,
-                                 GenerateRequest, SamplingFields)
+from deployments.schemas import (ChatRequest, CompletionRequest, DecodeChunk, ErrorInfo,
+                                 GenerateRequest, PromptRequest, SamplingFields)
 from medusa_core.request import Request, SamplingParams
 
 logger = logging.getLogger("ray.serve")
@@ -93,10 +93,11 @@ app.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES, reject=_reject,
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, decoder: DeploymentHandle, model: str) -> None:
-        self.decoder, self.model = decoder, model
+    def __init__(self, decoder: DeploymentHandle, model: str, backend: str) -> None:
+        self.decoder, self.model, self.backend = decoder, model, backend
         self.app_name = serve.get_replica_context().app_name
         self.replicas: tuple[float, dict[str, int]] = (-HEALTH_CACHE_S, {})  # (when asked, decoder replica states)
+        self.served = False  # whether /health has seen a running decoder replica yet
 
     def reconfigure(self, user_config: dict) -> None:
         app.state.options = IngressOptions.model_validate(user_config)
@@ -109,12 +110,16 @@ class Ingress:
         try:
             replicas = await asyncio.wait_for(self._decoder_replicas(), HEALTH_TIMEOUT_S)
         except (TimeoutError, RayError, RayServeException) as e:
-            logger.warning("health check failed: %s", type(e).__name__)
+            # Before any decoder replica has run, a slow controller is start-up, not a failure worth a warning.
+            level = logging.WARNING if self.served else logging.INFO
+            logger.log(level, "health check: the Serve controller did not answer (%s)", type(e).__name__)
             replicas = {}
         if replicas.get("RUNNING", 0) < 1:
             return error_response(503, ErrorInfo(message="no decoder replica can serve", type="server_error",
                                                  code="no_replica"), {"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"status": "ok", "model": self.model, "decoder_replicas": replicas})
+        self.served = True
+        return JSONResponse({"status": "ok", "model": self.model, "backend": self.backend,
+                             "decoder_replicas": replicas})
 
     async def _decoder_replicas(self) -> dict[str, int]:
         """Decoder replicas per state, as the controller sees them (serve.status() blocks: it runs in a thread)."""
@@ -145,17 +150,26 @@ class Ingress:
 
     @app.post("/generate")
     async def generate(self, body: GenerateRequest) -> dict:
-        mode = "medusa" if body.mode == "medusa" else "plain"
-        inp = Request(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
-        return fmt.legacy_generate(*await self._collect(inp))
+        return await self._generate(body, body.mode)
+
+    # The original services' routes: the path names the mode.
+    @app.post("/generate/medusa")
+    async def generate_medusa(self, body: PromptRequest) -> dict:
+        return await self._generate(body, "medusa")
+
+    @app.post("/generate/normal")
+    async def generate_normal(self, body: PromptRequest) -> dict:
+        return await self._generate(body, "normal")
 
     @app.post("/compare")
-    async def compare(self, body: CompareRequest) -> dict:
-        runs = {}
-        for mode in ("medusa", "plain"):  # one after the other, so neither slows the other down
-            inp = Request(prompt=body.prompt, max_tokens=body.max_length, mode=mode, received_at=time.time())
-            runs[mode] = fmt.legacy_generate(*await self._collect(inp))
-        return fmt.legacy_compare(runs["medusa"], runs["plain"])
+    async def compare(self, body: PromptRequest) -> dict:
+        # One after the other, so neither slows the other down.
+        return fmt.legacy_compare(await self._generate(body, "medusa"), await self._generate(body, "normal"))
+
+    async def _generate(self, body: PromptRequest, mode: str) -> dict:
+        inp = Request(prompt=body.prompt, max_tokens=body.max_length, mode="medusa" if mode == "medusa" else "plain",
+                      received_at=time.time())
+        return fmt.legacy_generate(*await self._collect(inp), mode=mode)
 
     def _input(self, body: SamplingFields, **text) -> Request:
         if body.model != self.model:

@@ -95,21 +95,23 @@ def replica_lost() -> ErrorInfo:
                      code="replica_failed")
 
 
-def legacy_generate(text: str, last: DecodeChunk) -> dict:
-    """The original service's /generate response. acceptance_rate: accepted speculated tokens / speculated depth."""
+def legacy_generate(text: str, last: DecodeChunk, mode: str) -> dict:
+    """The original service's /generate response, `mode` in its words (medusa or normal). acceptance_rate: accepted
+    speculated tokens / speculated depth."""
     s: Stats = last.stats
     depth = len(s.accepted_per_head)
     # No decode step (max_length 1: the prefill made the only token): nothing was speculated, and the stats' mean
     # accepted length is 0.0, which would give a negative rate.
     rate = (s.mean_accepted_length - 1) / depth if s.mode == "medusa" and depth and s.decode_steps else 0.0
     return {"text": text, "generation_time": s.wall_time_s + s.queue_wait_s, "tokens_generated": s.generated_tokens,
-            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": s.mode,
+            "tokens_per_second": s.tokens_per_second, "acceptance_rate": rate, "mode": mode,
             "medusa": dataclasses.asdict(s)}
 
 
 def legacy_compare(medusa: dict, plain: dict) -> dict:
+    """The original service's /compare response: both runs and speedup_factor, the ratio of their tokens/s."""
     speedup = medusa["tokens_per_second"] / plain["tokens_per_second"] if plain["tokens_per_second"] else None
-    return {"medusa": medusa, "normal": plain, "speedup": speedup}
+    return {"medusa": medusa, "normal": plain, "speedup_factor": speedup}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ErrorInfo:

@@ -89,17 +89,18 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
 
 
-class GenerateRequest(Strict):
-    """The original service's /generate body. `max_length` counts new tokens; decoding is greedy."""
+class PromptRequest(Strict):
+    """The original services' body of /compare and /generate/{medusa,normal}. `max_length` counts new tokens;
+    decoding is greedy."""
 
     prompt: Prompt
     max_length: int = Field(128, ge=1)
+
+
+class GenerateRequest(PromptRequest):
+    """The original service's /generate body: the mode is a field."""
+
     mode: Literal["medusa", "normal"] = "medusa"
-
-
-class CompareRequest(Strict):
-    prompt: Prompt
-    max_length: int = Field(128, ge=1)
 
 
 # ---- ingress -> decoder -> ingress -------------------------------------------------------------------------

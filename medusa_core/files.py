@@ -1,9 +1,12 @@
 """Files written whole or not at all: caches, shards and checkpoints that a concurrent reader (replicas starting
-together) or a resumed run (after a kill mid-write) must never see half of."""
+together) or a resumed run (after a kill mid-write) must never see half of; and whether the Hugging Face hub can be
+asked for files at all."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+from urllib.parse import urlparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,3 +27,19 @@ def written_whole(target: Path) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def hub_offline(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub cannot be reached now: HF_HUB_OFFLINE is set, or its host does not resolve or
+    accept a connection within `timeout_s`. Asked before loading by hub id, so an offline machine uses its local
+    copy or fails at once, instead of after the hub client's ~50 s of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return True
+    return False

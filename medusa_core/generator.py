@@ -21,6 +21,7 @@ import torch
 from medusa_core.adaptive import TreePolicy, load_or_calibrate, shipped_prior
 from medusa_core.backends import Backend, load_backend
 from medusa_core.config import GeneratorConfig, HeadsConfig, cache_root, resolve_repo_path
+from medusa_core.files import hub_offline
 from medusa_core.decode import Batch, Drafter, StepEvent, admit, advance, retire
 from medusa_core.heads import MedusaHeads, load_heads, random_heads
 from medusa_core.lookup import LookupDrafter
@@ -260,7 +261,7 @@ def _heads_folder(heads: HeadsConfig) -> str:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(src.hub_id)
+        return snapshot_download(src.hub_id, local_files_only=hub_offline())  # offline: a local copy or fail now
     except (OSError, LocalEntryNotFoundError) as e:
         raise FileNotFoundError(
             f"could not fetch Medusa heads {src.hub_id!r} ({e.__class__.__name__}). Offline: on a connected machine "

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,19 @@ def test_offline_hub_model_says_what_to_download(monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code, _, err = run_main(capsys, "generate", "--config", "configs/vicuna-7b-v1.3.yaml", "--prompt", "x")
     assert code == 2 and "hf download lmsys/vicuna-7b-v1.3" in err
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch, capsys):
+    """A hub that cannot be reached (a host that never resolves, as on a machine without internet) fails within
+    seconds with the same message, not after the hub client's retries (~50 s)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    start = time.monotonic()
+    code, _, err = run_main(capsys, "generate", "--config", "configs/vicuna-7b-v1.3.yaml", "--prompt", "x")
+    assert code == 2 and "hf download lmsys/vicuna-7b-v1.3" in err
+    assert time.monotonic() - start < 15, "waited on retries"
 
 
 def test_prepare_names_a_bad_config(capsys):

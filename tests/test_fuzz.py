@@ -64,7 +64,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
           "medusa", "max_length", "mode", "bogus"]
 
 
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate", "/compare"]),
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate", "/generate/medusa", "/compare"]),
        body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | JSON_VALUES)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_hypothesis_json_fuzz_gets_4xx(server, path, body):
@@ -123,7 +123,7 @@ class _Legacy(_Strict):
     tokens_generated: int
     tokens_per_second: float
     acceptance_rate: float
-    mode: Literal["medusa", "plain"]
+    mode: Literal["medusa", "normal"]
     medusa: MedusaStats
 
 
@@ -136,8 +136,8 @@ class Reply:
 def check_reply(path: str, body: dict, r: httpx.Response) -> Reply:
     """A 200 answer to `body` on `path`: its shape, and its token counts and text against what was asked."""
     assert r.status_code == 200, (r.status_code, r.text[:500])
-    if path in ("/generate", "/compare"):
-        runs = [r.json()] if path == "/generate" else [r.json()["medusa"], r.json()["normal"]]
+    if path.startswith("/generate") or path == "/compare":
+        runs = [r.json()["medusa"], r.json()["normal"]] if path == "/compare" else [r.json()]
         for run in runs:
             legacy = _Legacy.model_validate(run)
             assert legacy.tokens_generated == legacy.medusa.generated_tokens <= body.get("max_length", 128)
@@ -229,10 +229,10 @@ def bounded_schema(schema: dict) -> dict:
     defs["ChatRequest"]["properties"]["max_completion_tokens"] = {"anyOf": [tokens, {"type": "null"}]}
     defs["ChatRequest"]["properties"]["messages"]["maxItems"] = 3
     defs["ChatMessage"]["properties"]["content"]["maxLength"] = 200
-    for name in ("GenerateRequest", "CompareRequest"):
+    for name in ("GenerateRequest", "PromptRequest"):
         defs[name]["properties"]["max_length"] = tokens
         defs[name]["required"].append("max_length")
-    for name in ("CompletionRequest", "GenerateRequest", "CompareRequest"):
+    for name in ("CompletionRequest", "GenerateRequest", "PromptRequest"):
         options = defs[name]["properties"]["prompt"].get("anyOf", [defs[name]["properties"]["prompt"]])
         for string in [*options, *(o["items"] for o in options if "items" in o)]:  # a string, or a list of one
             if string.get("type") == "string":
@@ -248,7 +248,7 @@ def bounded_schema(schema: dict) -> dict:
 
 
 INTEGERS = {"max_tokens", "max_completion_tokens", "max_length", "seed", "n"}
-EXAMPLES = {"/v1/completions": 15, "/v1/chat/completions": 15, "/generate": 8, "/compare": 6}  # GET routes: 2
+EXAMPLES = {"/v1/completions": 15, "/v1/chat/completions": 15, "/generate": 8, "/compare": 6}  # other routes: 2
 
 
 def test_schemathesis_positive_fuzz_decodes(server):

@@ -110,17 +110,19 @@ def test_shards_round_trip_as_uint16_and_refuse_wider_ids(tmp_path):
     assert not (tmp_path / "wide.npz").exists()
 
 
-def test_build_resumes_at_the_first_missing_shard(backend, tmp_path):
+def test_build_answers_what_the_budget_needs_and_resumes_after_it(backend, tmp_path):
     convs = [conversation(i, t) for i, t in enumerate(TURNS)]
-    small = replies.build(backend, iter(convs), tmp_path, False, budget=1, max_seq=96, max_reply=8, shard=2)
+    small = replies.build(backend, iter(convs), tmp_path, False, budget=1, max_seq=96, max_reply=8, shard=4)
     assert small > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz"]
+    assert len(replies.load_shard(tmp_path / "train-0000.npz")) == 1  # one conversation met the budget, not four
     first = (tmp_path / "train-0000.npz").stat().st_mtime_ns
     more = replies.build(backend, iter(convs), tmp_path, False, budget=10_000, max_seq=96, max_reply=8, shard=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz", "train-0001.npz"]  # 5th: partial shard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz", "train-0001.npz", "train-0002.npz"]
     assert (tmp_path / "train-0000.npz").stat().st_mtime_ns == first  # kept, not answered again
-    alone = replies.answer(backend, convs[2:4], 96, 8)
-    assert replies.load_shard(tmp_path / "train-0001.npz") == alone  # shard 1 is conversations 2 and 3
-    assert more == small + replies.reply_tokens(alone)
+    alone = replies.answer(backend, convs[1:3], 96, 8)
+    assert replies.load_shard(tmp_path / "train-0001.npz") == alone  # shard 1 is conversations 1 and 2
+    assert more == small + replies.reply_tokens(alone) + replies.reply_tokens(
+        replies.load_shard(tmp_path / "train-0002.npz"))
 
 
 def test_chat_prompts_were_never_training_data():

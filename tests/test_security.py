@@ -211,3 +211,9 @@ def test_no_listener_beyond_loopback_answers_without_the_token(way, tmp_path):
             assert right.returncode == 0, right
     finally:
         stop(proc, procs)
+    if way == ".ci/serve":  # the first hour: no re-install, one ready line, quiet start and stop
+        text = log.read_text()
+        assert "installed into .venv" not in text, "a restart re-ran .ci/install though nothing changed"
+        assert "medusa-serve ready at http://127.0.0.1:8000 (model smollm2-135m-instruct, backend llamacpp" in text
+        assert "Ray started: dashboard http://127.0.0.1:8265" in text and "Ray stopped" in text
+        assert "Stopped all" not in text and "Local node IP" not in text, "ray start/stop output on the terminal"

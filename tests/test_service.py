@@ -125,9 +125,17 @@ def test_generate_and_compare(server):
     assert medusa["text"] == normal["text"] and medusa["tokens_generated"] == normal["tokens_generated"] > 0
     assert normal["acceptance_rate"] == 0.0 and 0 <= medusa["acceptance_rate"] <= 1
     assert medusa["generation_time"] > 0 and medusa["tokens_per_second"] > 0
+    assert (medusa["mode"], normal["mode"]) == ("medusa", "normal")  # the caller's word, echoed
+    for mode, run in (("medusa", medusa), ("normal", normal)):  # the original services' routes
+        alias = post(server, f"/generate/{mode}", {"prompt": "My favourite fruit is", "max_length": 20}).json()
+        assert alias["text"] == run["text"] and alias["mode"] == mode
+        assert alias["medusa"]["mode"] == ("plain" if mode == "normal" else "medusa")
+    clash = post(server, "/generate/normal", {"prompt": "hi", "mode": "medusa"})  # the path says the mode
+    assert clash.status_code == 400 and clash.json()["error"]["param"] == "mode"
     both = post(server, "/compare", {"prompt": "My favourite fruit is", "max_length": 20}).json()
     assert both["medusa"]["text"] == both["normal"]["text"] == medusa["text"]
-    assert both["speedup"] == pytest.approx(both["medusa"]["tokens_per_second"] / both["normal"]["tokens_per_second"])
+    assert both["speedup_factor"] == pytest.approx(both["medusa"]["tokens_per_second"] /
+                                                   both["normal"]["tokens_per_second"])
 
 
 def test_concurrent_requests_are_batched_and_equal_alone(server):
@@ -218,6 +226,7 @@ BAD = [
      "messages.0.role"),
     ("/generate", {"prompt": "hi", "max_length": -1}, 400, "max_length"),
     ("/generate", {"prompt": "hi", "mode": "turbo"}, 400, "mode"),
+    ("/generate/medusa", {"prompt": "hi", "max_length": 0}, 400, "max_length"),
 ]
 
 

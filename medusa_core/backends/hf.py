@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from medusa_core.backends import Forward
 from medusa_core.backends.kernels import linear, pack, rows_linear
 from medusa_core.config import BaseModelConfig, Source, models_cache, resolve_repo_path
-from medusa_core.files import written_whole
+from medusa_core.files import hub_offline, written_whole
 from medusa_core.tree import TreeBuffers
 
 
@@ -224,9 +224,10 @@ def load_model_and_tokenizer(config: BaseModelConfig):
     dtype = DTYPES[config.dtype]
     if config.gguf_file is not None:
         where = str(_converted_gguf(where, config.gguf_file, models_cache(config)))
+    local = config.source.hub_id is None or hub_offline()  # offline: the hub's local cache only, no retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
     except OSError as e:
         raise FileNotFoundError(
             f"could not load {where!r} ({e.__class__.__name__}). Offline machines cannot reach the Hugging Face "

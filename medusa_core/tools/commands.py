@@ -84,15 +84,21 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
                    help="ShareGPT replies as written, or the base model's own greedy replies (`replies` shards)")
     p.add_argument("--replies", default=DEFAULT_REPLIES, help="reply shards for --data generated")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="transformers backend: weights dtype, and so the dtype of the cached hidden states "
+                   "(default: the config's; bfloat16 caches about twice as fast on CPUs with AVX512-BF16)")
 
 
-def config_and_backend(config_path: str):
-    """The validated model config at `config_path` and its loaded backend."""
+def config_and_backend(config_path: str, dtype: str | None = None):
+    """The validated model config at `config_path` and its loaded backend (transformers: in `dtype` if given)."""
     from medusa_core.backends import load_backend
     from medusa_core.config import load_config
 
     config = load_config(config_path)
-    return config, load_backend(config.base_model)
+    base = config.base_model
+    if dtype is not None and base.backend == "hf":
+        base = base.model_copy(update={"dtype": dtype})
+    return config, load_backend(base)
 
 
 def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int | None = None):
@@ -107,7 +113,9 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
     root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
-    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}"
+    # The states' dtype names the folder: caches of one model in two dtypes must not mix.
+    dtype = str(backend.dtype).removeprefix("torch.")
+    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{dtype}"
     shards, paths, pool = [], [], None
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
@@ -180,7 +188,7 @@ def train_command(args: argparse.Namespace) -> None:
     from medusa_core.heads import save_heads
     from medusa_core.tools.train import TrainConfig, train, train_ray
 
-    config, backend = config_and_backend(args.config)
+    config, backend = config_and_backend(args.config, args.dtype)
     cache, cache_paths = load_or_build_cache(backend, args, held_out=False, data=args.data)
     cfg = TrainConfig(num_heads=args.num_heads, num_layers=args.num_layers,
                       root_conditioned=args.root_conditioned or args.sequential, sequential=args.sequential,
@@ -242,7 +250,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from medusa_core.tree import build_tree_buffers
     from medusa_core.tree_presets import preset_paths
 
-    config, backend = config_and_backend(args.config)
+    config, backend = config_and_backend(args.config, args.dtype)
     heads = _load_heads(config, backend, args.heads)
     heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)
@@ -279,7 +287,7 @@ def tune_tree_command(args: argparse.Namespace) -> None:
     from medusa_core.tools.evaluate import rank_histogram
     from medusa_core.tools.tune_tree import choose_size, format_curve, greedy_tree, measure_step_cost
 
-    config, backend = config_and_backend(args.config)
+    config, backend = config_and_backend(args.config, args.dtype)
     heads = _load_heads(config, backend, args.heads)
     heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     acc = rank_histogram(heads, heldout, "self", max_rank=args.top_k)  # [K, top_k]

@@ -12,7 +12,9 @@ rebuilds the hidden-state cache from the shards by prefill alone (`commands.load
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from medusa_core.tools.data import Conversation, Encoded
 
 SHARD = 64  # conversations per shard
 MIN_REPLY = 16  # a turn is answered only when at least this many reply tokens fit in max_seq
+REPLY_GUESS = 256  # reply tokens per conversation assumed before any is stored (sizes a first, small group)
 
 
 @dataclass
@@ -156,26 +159,26 @@ def build(backend: Backend, conversations: Iterator[Conversation], folder: str |
           budget: int, max_seq: int, max_reply: int, shard: int = SHARD, rows: int = 8) -> int:
     """Answer conversations into shards until `budget` reply tokens are stored (existing shards count and are kept).
     Returns the reply tokens stored."""
-    index, stored = 0, 0
-    while shard_path(folder, held_out, index).is_file():
-        stored += reply_tokens(load_shard(shard_path(folder, held_out, index)))
-        index += 1
-    skip = index * shard
+    index, stored, done = 0, 0, 0
+    while (path := shard_path(folder, held_out, index)).is_file():
+        part = load_shard(path)
+        stored, done, index = stored + reply_tokens(part), done + len(part), index + 1
     bar = tqdm(total=budget, initial=min(stored, budget), desc=f"{'held-out' if held_out else 'train'} replies",
                unit="tok", smoothing=0.05)
     # Conversations answered in one batch, which drains only at the group's end (held-out: small budgets, one shard).
     group = shard if held_out else shard * max(1, rows // 8)
-    pending: list[Conversation] = []
-    for i, conversation in enumerate(conversations):
-        if stored >= budget:
+    rest = itertools.islice(conversations, done, None)
+    while stored < budget:
+        # A group shrinks to the conversations the rest of the budget needs at the mean reply so far, so a small
+        # budget answers a few conversations (its last shard holds fewer than `shard`), not a whole group.
+        per_conversation = stored / done if stored else REPLY_GUESS
+        size = min(group, math.ceil((budget - stored) / per_conversation))
+        pending = list(itertools.islice(rest, size))
+        if not pending:
             break
-        if i < skip:
-            continue
-        pending.append(conversation)
-        if len(pending) == group:
-            stored, index = _save_group(backend, pending, folder, held_out, index, shard, max_seq, max_reply, bar,
-                                        rows, stored)
-            pending = []
+        stored, index = _save_group(backend, pending, folder, held_out, index, shard, max_seq, max_reply, bar,
+                                    rows, stored)
+        done += len(pending)
     bar.close()
     return stored
 
