@@ -17,6 +17,7 @@ BATCH = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
 
 class DecoderMetrics:
     def __init__(self, max_depth: int) -> None:
+        """`max_depth`: the deepest speculation the tree allows (0 for a model without heads: plain decoding)."""
         tags = ("model", "mode")
         self.requests = Counter("medusa_requests", "Finished requests.", tag_keys=(*tags, "finish_reason"))
         self.tokens = Counter("medusa_generated_tokens", "Generated tokens.", tag_keys=tags)
@@ -24,7 +25,7 @@ class DecoderMetrics:
         self.accepted = Counter("medusa_accepted_tokens", "Speculated tokens accepted, by head position (1 = head 0).",
                                 tag_keys=(*tags, "head"))
         self.accept_len = Histogram("medusa_accept_length", "Speculated tokens accepted per decode step.",
-                                    boundaries=[d + 0.5 for d in range(max_depth)], tag_keys=tags)
+                                    boundaries=[d + 0.5 for d in range(max(1, max_depth))], tag_keys=tags)
         self.batch_size = Histogram("medusa_batch_size", "Requests decoded together in one batch.",
                                     boundaries=BATCH, tag_keys=("model",))
         self.ttft = Histogram("medusa_time_to_first_token_seconds", "Time to first token (in the replica).",

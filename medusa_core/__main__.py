@@ -85,7 +85,7 @@ def generate(args: argparse.Namespace) -> None:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               acceptance=args.acceptance)
     config = load_config(args.config)
-    if config.tree.adaptive is not None:  # one request: time the steps of batch size 1 only
+    if config.tree is not None and config.tree.adaptive is not None:  # one request: time the steps of batch size 1 only
         adaptive = config.tree.adaptive.model_copy(update={"max_batch": 1})
         config = config.model_copy(update={"tree": config.tree.model_copy(update={"adaptive": adaptive})})
     generator = load_generator(config)

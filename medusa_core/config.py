@@ -156,14 +156,24 @@ class DecodingConfig(Strict):
 class GeneratorConfig(Strict):
     name: str = Field(description="Model name reported by the API.")
     base_model: BaseModelConfig
-    heads: HeadsConfig
-    tree: TreeConfig
+    heads: HeadsConfig | None = Field(None, description="Absent: no Medusa heads; requests decode plainly, or with "
+                                      "prompt lookup alone where tree.lookup is set.")
+    tree: TreeConfig | None = Field(None, description="What a speculative step verifies; needs heads or tree.lookup.")
     decoding: DecodingConfig = DecodingConfig()
+
+    @model_validator(mode="after")
+    def _tree_has_a_drafter(self) -> GeneratorConfig:
+        if self.heads is not None and self.tree is None:
+            raise ValueError("tree: heads need a tree to verify, e.g. `tree: {preset: chain_2}`")
+        if self.heads is None and self.tree is not None and self.tree.lookup is None:
+            raise ValueError("tree: without heads only prompt lookup can fill a tree; set tree.lookup, add heads, "
+                             "or drop the tree to decode plainly")
+        return self
 
     @model_validator(mode="after")
     def _tree_fits_llamacpp(self) -> GeneratorConfig:
         """llama.cpp verifies chains (one KV sequence per row): reject branching trees."""
-        if self.base_model.backend != "llamacpp":
+        if self.base_model.backend != "llamacpp" or self.tree is None:
             return self
         paths = [tuple(p) for p in self.tree.resolved_paths()]
         parents = {p[:-1] for p in paths}

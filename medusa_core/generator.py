@@ -278,19 +278,25 @@ def shipped_accuracy(heads: HeadsConfig) -> list[dict]:
     return json.loads(file.read_text())["accuracy"]["self"] if file.is_file() else []
 
 
-def _cost_file(config: GeneratorConfig, heads: MedusaHeads) -> Path:
+def _cost_file(config: GeneratorConfig, heads: MedusaHeads | None) -> Path:
     """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (every parameter's shape
     too: a folder can be retrained with more heads, layers or root conditioning), tree, threads and CPU."""
-    key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), config.heads.model_dump(mode="json"),
-                      sorted((name, tuple(p.shape)) for name, p in heads.named_parameters()),
-                      config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
+    shapes = [] if heads is None else sorted((name, tuple(p.shape)) for name, p in heads.named_parameters())
+    key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), config.model_dump(mode="json")["heads"],
+                      shapes, config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
     return cache_root() / "medusa" / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def load_generator(config: GeneratorConfig) -> MedusaGenerator:
+    """The backend, heads and tree of a validated config. Without heads and tree the generator decodes plainly;
+    without heads but with tree.lookup it speculates with prompt lookup alone."""
     backend = load_backend(config.base_model)
-    heads = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
+    if config.tree is None:
+        return MedusaGenerator(config, backend, None, build_tree_buffers([], 1))
+    heads = None
+    if config.heads is not None:
+        heads = load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
     drafter = heads if (lookup := config.tree.lookup) is None else LookupDrafter(heads, lookup.min_ngram,
                                                                                   lookup.max_ngram)
     paths = config.tree.resolved_paths()
@@ -299,5 +305,5 @@ def load_generator(config: GeneratorConfig) -> MedusaGenerator:
     if (adaptive := config.tree.adaptive) is not None:
         policy = load_or_calibrate(backend, drafter, paths, config.tree.top_k, adaptive.max_batch,
                                    adaptive.explore_share, _cost_file(config, heads))
-        policy.prior = shipped_prior(shipped_accuracy(config.heads), paths)
+        policy.prior = shipped_prior(shipped_accuracy(config.heads) if config.heads else [], paths)
     return MedusaGenerator(config, backend, drafter, tree, policy)

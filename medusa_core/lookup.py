@@ -55,18 +55,18 @@ def merge(candidates: Tensor, guess: Tensor) -> Tensor:
 class LookupDrafter:
     """A drafter (the Medusa heads) with prompt lookup merged in at rank 0; proposes any depth a tree asks for."""
 
-    heads: Drafter  # with `num_heads`, e.g. MedusaHeads
+    heads: Drafter | None  # with `num_heads`, e.g. MedusaHeads; None: prompt lookup alone
     min_ngram: int = 1
     max_ngram: int = 4
 
     @property
     def num_heads(self) -> int:
-        return self.heads.num_heads
+        return 0 if self.heads is None else self.heads.num_heads
 
     def draft(self, hidden: Tensor, roots: Tensor, history: list[list[int]], depth: int, top_k: int,
               backend) -> Tensor:
         """Candidates [B, depth, top_k] (CPU) for the tokens after the roots; `history` ends with each root."""
-        B, from_heads = len(history), min(depth, self.heads.num_heads)
+        B, from_heads = len(history), min(depth, self.num_heads)
         candidates = torch.full((B, depth, top_k), FILLER, dtype=torch.long)
         if from_heads:
             drafted = self.heads.draft(hidden, roots, history, from_heads, top_k, backend)

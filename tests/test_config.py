@@ -50,6 +50,17 @@ def test_bad_config_names_field(tmp_path, change, field):
         load_config(write(tmp_path, GOOD.replace(*change)))
 
 
+def test_a_config_without_heads_is_plain_or_lookup(tmp_path):
+    plain = load_config(write(tmp_path, GOOD.replace("heads: {random: {num_heads: 2}}\ntree: {preset: chain_2}\n", "")))
+    assert plain.heads is None and plain.tree is None
+    lookup = GOOD.replace("heads: {random: {num_heads: 2}}\n", "").replace("chain_2}", "chain_2, lookup: {}}")
+    assert load_config(write(tmp_path, lookup)).tree.lookup is not None
+    with pytest.raises(ConfigError, match="tree: heads need a tree"):
+        load_config(write(tmp_path, GOOD.replace("tree: {preset: chain_2}\n", "")))
+    with pytest.raises(ConfigError, match="tree: without heads only prompt lookup"):
+        load_config(write(tmp_path, GOOD.replace("heads: {random: {num_heads: 2}}\n", "")))
+
+
 def test_lookup_config(tmp_path):
     cfg = load_config(write(tmp_path, GOOD.replace("tree: {preset: chain_2}", "tree: {preset: chain_5, lookup: {}}")))
     assert (cfg.tree.lookup.min_ngram, cfg.tree.lookup.max_ngram) == (1, 4)

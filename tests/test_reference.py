@@ -48,11 +48,13 @@ def reference_decode(llm, prompt: list[int], n: int) -> tuple[list[int], list]:
     return tokens, logits
 
 
-def test_greedy_medusa_equals_llama_cpp_create_completion(ours, reference):
+def compare(ours, reference, prompts: list[str]) -> tuple[list, int]:
+    """Our greedy tokens against create_completion's for each chat prompt: the near-tie partings (any other parting
+    fails) and how many tokens speculation gave beyond one per step."""
     from medusa_core.request import Request
 
     partings, speculated = [], 0
-    for text in CHAT:
+    for text in prompts:
         prompt = ours.encode_chat([{"role": "user", "content": text}])
         ref, logits = reference_decode(reference, prompt, N_NEW)
         got = ours.generate([Request(prompt_ids=tuple(prompt), max_tokens=N_NEW)])[0]
@@ -68,5 +70,28 @@ def test_greedy_medusa_equals_llama_cpp_create_completion(ours, reference):
         assert gap < NEAR_TIE, f"{text!r}: parts at token {i} where the reference's top-2 gap is {gap:.2e}"
         partings.append((text, i, gap))
     print(f"{len(partings)} near-tie partings {partings}; {speculated} tokens accepted from speculation")
+    return partings, speculated
+
+
+def test_greedy_medusa_equals_llama_cpp_create_completion(ours, reference):
+    partings, speculated = compare(ours, reference, CHAT)
     assert speculated > 0, "Medusa never accepted a speculated token: the test compared plain decoding"
+    assert len(partings) <= MAX_NEAR_TIES, partings
+
+
+REPEATS = ["Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
+
+
+@pytest.mark.parametrize("tree", [None, {"preset": "chain_4", "top_k": 1, "lookup": {"min_ngram": 2}}],
+                         ids=["plain", "lookup"])
+def test_a_model_config_without_heads_serves(ours, reference, tree):
+    """Your own model before it has heads: a config without `heads` decodes plainly, or with prompt lookup alone
+    when its tree sets `lookup`; either way its greedy output is create_completion's."""
+    from medusa_core.config import GeneratorConfig
+    from medusa_core.generator import load_generator
+
+    fields = load_config(SERVED).model_dump(exclude={"heads", "tree"}) | ({"tree": tree} if tree else {})
+    gen = load_generator(GeneratorConfig.model_validate(fields))
+    partings, speculated = compare(gen, reference, CHAT[:2] + REPEATS)
+    assert (speculated > 0) == (tree is not None), speculated
     assert len(partings) <= MAX_NEAR_TIES, partings

@@ -237,13 +237,16 @@ def _load_heads(config, backend, folder: str | None):
     from medusa_core.generator import load_drafter
     from medusa_core.heads import load_heads
 
+    if folder is None and config.heads is None:
+        raise SystemExit(f"{config.name}: the config has no heads; name a heads folder with --heads")
     if folder is None:
         return load_drafter(config.heads, backend.hidden_size, backend.vocab_size, backend.dtype, backend.device)
-    return load_heads(folder, backend.hidden_size, backend.vocab_size, config.heads.head_vocab).to(backend.dtype)
+    head_vocab = config.heads.head_vocab if config.heads else None
+    return load_heads(folder, backend.hidden_size, backend.vocab_size, head_vocab).to(backend.dtype)
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from medusa_core.config import LookupConfig
+    from medusa_core.config import LookupConfig, TreeConfig
     from medusa_core.lookup import LookupDrafter
     from medusa_core.tools import data as sharegpt
     from medusa_core.tools.evaluate import benchmark_trees, format_runs
@@ -255,12 +258,14 @@ def eval_command(args: argparse.Namespace) -> None:
     heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)
     print(_format_accuracy(accuracy))
-    names = args.trees or [config.tree.preset or "config", *[f"chain_{d}" for d in range(2, heads.num_heads + 1)]]
-    trees = {n: build_tree_buffers(config.tree.resolved_paths() if n == "config" else preset_paths(n),
-                                   config.tree.top_k) for n in names}
+    tree = config.tree or TreeConfig(preset="chain_1")  # a config without heads has no tree of its own
+    chains = [f"chain_{d}" for d in range(2, heads.num_heads + 1)]
+    names = args.trees or ([tree.preset or "config", *chains] if config.tree else ["chain_1", *chains])
+    trees = {n: build_tree_buffers(tree.resolved_paths() if n == "config" else preset_paths(n), tree.top_k)
+             for n in names}
     drafted = {n: (heads, t) for n, t in trees.items() if t.max_depth <= heads.num_heads}
     if args.lookup:
-        lookup = config.tree.lookup or LookupConfig()
+        lookup = tree.lookup or LookupConfig()
         drafter = LookupDrafter(heads, lookup.min_ngram, lookup.max_ngram)
         drafted |= {f"{n}+lookup": (drafter, t) for n, t in trees.items()}
     if not drafted:
@@ -276,9 +281,11 @@ def eval_command(args: argparse.Namespace) -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.write_card:
-        folder = Path(args.heads or config.heads.source)
-        if not folder.is_dir():
+        source = config.heads.source if config.heads else None
+        folder = args.heads or (source.path if source else None)
+        if folder is None or not Path(folder).is_dir():
             raise SystemExit(f"--write-card: {folder} is not a local heads folder")
+        folder = Path(folder)
         (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
         write_card(folder)
 
