@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from medusa_core.request import Request
 
 logger = logging.getLogger("ray.serve")
 STUCK_STEP_S = 60.0  # one decode step takes well under a second here; a minute means the backend hangs
+GAUGE_REFRESH_S = 1.0  # below two metrics reports (Ray's default report: 10 s; the tests': 1 s)
 ENGINE_GRACE_S = 30.0  # a timed-out job normally ends within one decode step; this only catches a stopped engine
 
 
@@ -91,15 +93,19 @@ async def next_chunk(job: Job) -> DecodeChunk:
         return timeout_chunk(job)
 
 
+def replica_stats(delta: TextDelta, job: Job):
+    """The final delta's stats with what only the replica knows: queue wait and batch size (None before the end)."""
+    if (s := delta.stats) is None:
+        return None
+    return replace(s, time_to_first_token_s=s.time_to_first_token_s + job.queue_wait_s, batch_size=job.batch_size,
+                   queue_wait_s=job.queue_wait_s)
+
+
 def to_chunk(delta: TextDelta, job: Job) -> DecodeChunk:
     if job.timed_out and delta.finish_reason == "cancelled":
         return timeout_chunk(job)
-    stats = None
-    if (s := delta.stats) is not None:  # the replica adds what only it knows: queue wait and batch size
-        stats = replace(s, time_to_first_token_s=s.time_to_first_token_s + job.queue_wait_s,
-                        batch_size=job.batch_size, queue_wait_s=job.queue_wait_s)
     return DecodeChunk(text=delta.text, finish_reason=delta.finish_reason,
-                       prompt_tokens=len(job.request.prompt_ids), stats=stats)
+                       prompt_tokens=len(job.request.prompt_ids), stats=replica_stats(delta, job))
 
 
 class Engine:
@@ -156,6 +162,7 @@ class Engine:
         for job in self.waiting:
             if should_stop(job):
                 job.chunks.put_nowait(timeout_chunk(job) if job.timed_out else DecodeChunk(finish_reason="cancelled"))
+                self.record_end(job, "timeout" if job.timed_out else "cancelled")
             elif len(new) < room:
                 job.key, job.queue_wait_s = next(self.keys), max(0.0, now - job.received_at)
                 new.append(job)
@@ -167,22 +174,31 @@ class Engine:
 
     def publish(self, deltas: list[TextDelta]) -> None:
         model = self.generator.config.name
-        self.metrics.record_batch(model, self.session.rows)
+        self.metrics.record_batch(model, self.session.rows, self.session.tree_nodes)
         for job in self.jobs.values():
             job.batch_size = max(job.batch_size, self.session.rows)
+        steps: dict[str, tuple[int, list[int]]] = {}  # mode -> (tokens, accept_len per decoding row)
         for d in deltas:
             job = self.jobs[d.key]
+            tokens, accept_lens = steps.setdefault(job.request.mode, (0, []))
+            steps[job.request.mode] = (tokens + len(d.token_ids), accept_lens + ([d.accept_len] if d.accept_len
+                                                                                 is not None else []))
             job.chunks.put_nowait(chunk := to_chunk(d, job))
-            if chunk.stats is not None:
-                self.metrics.record_request(model, chunk.stats, chunk.finish_reason or "")
             if chunk.finish_reason is not None:
+                self.record_end(job, chunk.finish_reason, replica_stats(d, job))
                 del self.jobs[d.key]
+        for mode, (tokens, accept_lens) in steps.items():
+            self.metrics.record_steps(model, mode, tokens, accept_lens)
+
+    def record_end(self, job: Job, finish_reason: str, stats=None) -> None:
+        self.metrics.record_request(self.generator.config.name, job.request.mode, finish_reason, stats)
 
     def fail(self, e: Exception) -> None:
         self.failed = f"{type(e).__name__}: {e}"
         error = DecodeChunk(error=ErrorInfo(message="internal error while decoding", type="server_error"), status=500)
         for job in [*self.jobs.values(), *self.waiting]:
             job.chunks.put_nowait(error)
+            self.record_end(job, "error")
         self.jobs, self.waiting = {}, []
         self.session = DecodeSession(self.generator, self.session.is_cancelled)
 
@@ -193,6 +209,14 @@ class Decoder:
         generator = load_generator(config)  # validated once, by the app builder
         self.engine = Engine(generator, DecoderMetrics(generator.tree.max_depth))
         self.options = DEFAULTS
+        threading.Thread(target=self.refresh_gauges, name="gauges", daemon=True).start()
+
+    def refresh_gauges(self) -> None:
+        """Ray drops a gauge series that was not set within two metrics reports, so an idle replica's load gauges
+        would vanish from Prometheus (and its dashboards' panels go blank): set them again every second."""
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            self.engine.report_load()
 
     def reconfigure(self, user_config: dict) -> None:
         self.options = checked_options(user_config, self.engine.generator.backend.max_rows)

@@ -1,8 +1,9 @@
 """Custom Ray Serve metrics of the decoder replicas (shown in the Ray dashboard, exported to Prometheus).
 
 Ray prefixes custom metrics with `ray_` and adds the deployment, replica and application tags; the README lists the
-exported names. Counters and histograms are recorded from a finished request's stats and the two gauges between
-steps, so the decode loop stays free of metrics.
+exported names. Tokens, steps and acceptance are recorded after every step (a long request shows up while it runs);
+each request's ending (stop, length, cancelled, timeout, error), time to first token, rate and queue wait when it
+ends, whether or not it produced stats; the two gauges between steps. The decode loop itself stays free of metrics.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class DecoderMetrics:
                                 tag_keys=(*tags, "head"))
         self.accept_len = Histogram("medusa_accept_length", "Speculated tokens accepted per decode step.",
                                     boundaries=[d + 0.5 for d in range(max(1, max_depth))], tag_keys=tags)
+        self.tree_nodes = Counter("medusa_tree_steps", "Batch decode steps by the tree nodes each row verified "
+                                  "(1 = plain decoding): the adaptive tree's choice.", tag_keys=("model", "nodes"))
         self.batch_size = Histogram("medusa_batch_size", "Requests decoded together in one batch.",
                                     boundaries=BATCH, tag_keys=("model",))
         self.ttft = Histogram("medusa_time_to_first_token_seconds", "Time to first token (in the replica).",
@@ -42,25 +45,34 @@ class DecoderMetrics:
         self.queue_wait = Histogram("medusa_queue_wait_seconds", "From the ingress receiving a request to its "
                                     "batch starting to decode.", boundaries=LATENCY_S, tag_keys=tags)
 
-    def record_batch(self, model: str, size: int) -> None:
+    def record_batch(self, model: str, size: int, tree_nodes: int) -> None:
         self.batch_size.observe(size, tags={"model": model})
+        if tree_nodes > 0:  # 0: the step only admitted requests (a prefill)
+            self.tree_nodes.inc(tags={"model": model, "nodes": str(tree_nodes)})
 
     def record_load(self, model: str, running: int, waiting: int) -> None:
         self.running.set(running, tags={"model": model})
         self.waiting.set(waiting, tags={"model": model})
 
-    def record_request(self, model: str, stats: Stats, finish_reason: str) -> None:
-        tags = {"model": model, "mode": stats.mode}
+    def record_steps(self, model: str, mode: str, tokens: int, accept_lens: list[int]) -> None:
+        """One decode step's rows of one mode: tokens emitted, and speculated tokens accepted per row (decode steps
+        only; the prefill's first token has none)."""
+        tags = {"model": model, "mode": mode}
+        if tokens > 0:  # Ray counters refuse increments of 0
+            self.tokens.inc(tokens, tags=tags)
+        if accept_lens:
+            self.steps.inc(len(accept_lens), tags=tags)
+        for k in range(max(accept_lens, default=0)):
+            self.accepted.inc(sum(a > k for a in accept_lens), tags={**tags, "head": str(k + 1)})
+        for a in accept_lens:
+            self.accept_len.observe(a, tags=tags)
+
+    def record_request(self, model: str, mode: str, finish_reason: str, stats: Stats | None = None) -> None:
+        """A request's ending; its latencies when it decoded (a request that timed out or failed while waiting has
+        none)."""
+        tags = {"model": model, "mode": mode}
         self.requests.inc(tags={**tags, "finish_reason": finish_reason})
-        for counter, n in ((self.tokens, stats.generated_tokens), (self.steps, stats.decode_steps)):
-            if n > 0:  # Ray counters refuse increments of 0
-                counter.inc(n, tags=tags)
-        for k, n in enumerate(stats.accepted_per_head):
-            if n > 0:
-                self.accepted.inc(n, tags={**tags, "head": str(k + 1)})
-        for accept_len, n in enumerate(stats.accept_len_histogram):
-            for _ in range(n):
-                self.accept_len.observe(accept_len, tags=tags)
-        self.ttft.observe(stats.time_to_first_token_s, tags=tags)
-        self.rate.observe(stats.tokens_per_second, tags=tags)
-        self.queue_wait.observe(stats.queue_wait_s, tags=tags)
+        if stats is not None:
+            self.ttft.observe(stats.time_to_first_token_s, tags=tags)
+            self.rate.observe(stats.tokens_per_second, tags=tags)
+            self.queue_wait.observe(stats.queue_wait_s, tags=tags)

@@ -46,6 +46,7 @@ class TextDelta:
     token_ids: tuple[int, ...]
     finish_reason: str | None
     stats: Stats | None  # set on the final delta
+    accept_len: int | None = None  # speculated tokens accepted in this step; None for the prefill's first token
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class DecodeSession:
         self.generator, self.is_cancelled = generator, is_cancelled
         self.batch: Batch | None = None
         self.trackers: dict[int, _Tracker] = {}  # requests whose final delta has not gone out yet
+        self.tree_nodes = 0  # nodes per row the last step verified (1: plain decoding; 0: no decode step ran)
 
     @property
     def rows(self) -> int:
@@ -154,6 +156,7 @@ class DecodeSession:
         """Drop ended rows, advance the batch one step, then prefill `new` into it; the text each request gained."""
         g, events = self.generator, []
         new = {k: g.prepare(r) for k, r in (new or {}).items()}
+        self.tree_nodes = 0
         if self.batch is not None:  # a closed tracker (stop string hit) cancels its row
             self.batch, events = retire(g.backend, self.batch, lambda k: k not in self.trackers or self.is_cancelled(k))
         if self.batch is not None:
@@ -177,8 +180,9 @@ class DecodeSession:
         start = time.perf_counter()
         self.batch, events = advance(g.backend, g.drafter, tree, self.batch, dec.typical_epsilon, dec.typical_alpha)
         seconds = time.perf_counter() - start
+        medusa = [e for e in events if self.trackers[e.key].request.mode == "medusa"]
+        self.tree_nodes = tree.num_nodes if medusa and g.drafter is not None else 1  # as `advance` decided
         if g.policy is not None:
-            medusa = [e for e in events if self.trackers[e.key].request.mode == "medusa"]
             g.policy.time_step(rows, tree if medusa else g.policy.trees[0], seconds)  # no medusa row: a plain step
             if tree.num_nodes > 1:
                 g.policy.observe(tree, [e.accepted_path for e in medusa])
@@ -205,7 +209,7 @@ class DecodeSession:
         tr.sent = max(safe, tr.sent)
         reason = tr.finish_reason or ("cancelled" if done else None)
         stats = self._stats(tr, now) if done else None
-        return TextDelta(event.key, text, event.tokens, reason, stats)
+        return TextDelta(event.key, text, event.tokens, reason, stats, event.accept_len)
 
     def _stats(self, tr: _Tracker, now: float) -> Stats:
         steps = len(tr.accept_lens)

@@ -76,7 +76,11 @@ def test_overload_answers_503_fast_and_admitted_requests_finish(server):
             assert r.json()["usage"]["completion_tokens"] == n_tokens
 
 
-def test_request_timeout_ends_with_504(server):
+def test_request_timeout_ends_with_504_and_counts_as_a_timeout(server):
+    def endings():
+        return tuple(ray_metrics("ray_medusa_requests_total", finish_reason=f) for f in ("timeout", "cancelled"))
+
+    before = settled(endings)
     start = time.perf_counter()
     r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 1500,
                                          "temperature": 0, "medusa": {"ignore_eos": True, "timeout_s": 3}},
@@ -85,6 +89,11 @@ def test_request_timeout_ends_with_504(server):
     assert r.status_code == 504 and is_error_body(r) and r.json()["error"]["code"] == "timeout", r.text
     print(f"timeout: 504 after {took:.1f} s (limit 3 s)")
     assert 3 <= took < 30
+    deadline = time.monotonic() + 30
+    while endings() == before and time.monotonic() < deadline:  # exported with the next report
+        time.sleep(0.2)
+    timeouts, cancelled = (a - b for a, b in zip(settled(endings), before))
+    assert (timeouts, cancelled) == (1, 0), f"the timed-out request counted {timeouts:g} timeouts, {cancelled:g} cancelled"
 
 
 def test_disconnect_frees_the_row_and_spares_neighbours(server):
