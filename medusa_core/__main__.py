@@ -1,5 +1,5 @@
-"""Command line: `python -m medusa_core generate|prepare|convert|replies|train|eval|tune-tree [...]` (replies, train,
-eval and tune-tree: tools/commands.py).
+"""Command line: `python -m medusa_core generate|prepare|convert|replies|train|eval|tune-tree|export-onnx [...]`
+(replies, train, eval, tune-tree and export-onnx: tools/commands.py).
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"generate": generate, "prepare": prepare, "convert": convert, "train": commands.train_command,
          "eval": commands.eval_command, "tune-tree": commands.tune_tree_command,
-         "replies": commands.replies_command}[args.command](args)
+         "replies": commands.replies_command, "export-onnx": commands.export_onnx_command}[args.command](args)
     except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

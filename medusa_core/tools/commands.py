@@ -1,4 +1,5 @@
-"""The `train`, `eval` and `tune-tree` subcommands: data -> cache -> heads -> measurements -> tree.
+"""The `replies`, `train`, `eval`, `tune-tree` and `export-onnx` subcommands: data -> cache -> heads -> measurements
+-> tree, and the heads for other runtimes.
 
 Caches of base-model hidden states are kept under `--cache-dir` (default `<cache root>/medusa/`), one folder per split,
 data and length, in shards of `replies.SHARD` conversations: training, evaluation and tuning reuse one expensive pass
@@ -66,6 +67,12 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.add_argument("--write-card", action="store_true", help="store the results as the heads folder's "
                     "evaluation.json and re-render its model card (README.md); without it the folder is left as is")
+    ox = sub.add_parser("export-onnx", help="write Medusa heads as an ONNX graph: hidden state (and root token) -> "
+                        "per-head logits, with the lm_head inside (onnxruntime and other runtimes)")
+    ox.add_argument("--config", default=default_config, help="model config whose base model gives the lm_head "
+                    "(default: embedded model)")
+    ox.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
+    ox.add_argument("--out", required=True, help="the .onnx file to write")
     tt = sub.add_parser("tune-tree", help="build trees from measured accuracies and pick the fastest size")
     _common(tt, default_config)
     tt.add_argument("--heads", default=None, help="heads folder (default: the config's heads)")
@@ -309,6 +316,22 @@ def tune_tree_command(args: argparse.Namespace) -> None:
             "rank_accuracy": acc.tolist(), "costs": [asdict(c) for c in costs],
             "curve": [{**asdict(s), "tokens_per_second": s.tokens_per_second} for s in curve],
             "best_nodes": best.nodes, "best_paths": paths}, indent=2) + "\n")
+
+
+def export_onnx_command(args: argparse.Namespace) -> None:
+    import torch
+
+    from medusa_core.tools.onnx_export import export
+
+    config, backend = config_and_backend(args.config)
+    heads = _load_heads(config, backend, args.heads)
+    lm_head = backend.lm_head_rows(torch.arange(backend.vocab_size))  # [V, H]: the shared lm_head, all rows
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = export(heads, lm_head, out)
+    vocab = heads.head_vocab or backend.vocab_size
+    print(f"{out}: {heads.num_heads} heads, inputs {', '.join(names)} -> logits [B, {heads.num_heads}, {vocab}] "
+          f"({out.stat().st_size / 1e6:.0f} MB)")
 
 
 def write_card(folder: Path) -> None:
