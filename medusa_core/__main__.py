@@ -1,4 +1,4 @@
-"""Command line: `python -m medusa_core generate|prepare|convert|replies|train|eval|tune-tree|export-onnx [...]`
+"""Command line: `python -m medusa_core generate|chat|prepare|convert|replies|train|eval|tune-tree|export-onnx [...]`
 (replies, train, eval, tune-tree and export-onnx: tools/commands.py).
 
 Errors print one line naming the problem and exit with status 2.
@@ -44,26 +44,34 @@ def _prompt(s: str) -> str:
     return s
 
 
+def _decoding_options(p: argparse.ArgumentParser) -> None:
+    """The options `generate` and `chat` share: which model, and how to decode."""
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config YAML (default: embedded model)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="new tokens (default: config)")
+    p.add_argument("--mode", choices=get_args(Mode), default="medusa", help="medusa: speculate with the heads; "
+                   "plain: one token per step (the baseline)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy, so a run is reproducible "
+                   "(the HTTP API defaults to 1, as OpenAI's does); at most 2, as over HTTP")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--acceptance", choices=get_args(Acceptance), default=None,
+                   help="default: greedy at temperature 0, lossless above it")
+    p.add_argument("--seed", type=int, default=None, help="seeded sampling: the same tokens as plain sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m medusa_core", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config YAML (default: embedded model)")
     gen.add_argument("--prompt", required=True, type=_prompt, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
-    gen.add_argument("--max-tokens", type=_positive_int, default=None, help="new tokens (default: config)")
-    gen.add_argument("--mode", choices=get_args(Mode), default="medusa", help="medusa: speculate with the heads; "
-                     "plain: one token per step (the baseline)")
-    gen.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy, so a run is reproducible "
-                     "(the HTTP API defaults to 1, as OpenAI's does); at most 2, as over HTTP")
-    gen.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    gen.add_argument("--acceptance", choices=get_args(Acceptance), default=None,
-                     help="default: greedy at temperature 0, lossless above it")
-    gen.add_argument("--seed", type=int, default=None, help="seeded sampling: the same tokens as plain sampling")
+    _decoding_options(gen)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    chat = sub.add_parser("chat", help="chat in the terminal: multi-turn, replies streamed, /reset, /quit",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _decoding_options(chat)
     prep = sub.add_parser("prepare", help="load a model config once, so that its converted copies, tokenizer and "
                           "adaptive tree costs are cached before the first test or replica needs them")
     prep.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)], help="model config YAML files")
@@ -78,20 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args: argparse.Namespace) -> None:
+def _one_request_generator(args: argparse.Namespace):
+    """The config's generator for one request at a time (an adaptive tree times batch size 1 only), and the
+    request template the decoding options describe."""
     from medusa_core.generator import load_generator
     from medusa_core.request import Request, SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               acceptance=args.acceptance)
     config = load_config(args.config)
-    if config.tree is not None and config.tree.adaptive is not None:  # one request: time the steps of batch size 1 only
+    if config.tree is not None and config.tree.adaptive is not None:
         adaptive = config.tree.adaptive.model_copy(update={"max_batch": 1})
         config = config.model_copy(update={"tree": config.tree.model_copy(update={"adaptive": adaptive})})
-    generator = load_generator(config)
+    return load_generator(config), Request(max_tokens=args.max_tokens, sampling=sampling, mode=args.mode)
+
+
+def chat(args: argparse.Namespace) -> None:
+    from medusa_core.chat import run_chat
+
+    generator, template = _one_request_generator(args)
+    run_chat(generator, template, sys.stdin, sys.stdout, sys.stderr)
+
+
+def generate(args: argparse.Namespace) -> None:
+    generator, template = _one_request_generator(args)
     text = {"messages": ({"role": "user", "content": args.prompt},)} if args.chat else {"prompt": args.prompt}
-    request = Request(**text, max_tokens=args.max_tokens, sampling=sampling, mode=args.mode, stop=tuple(args.stop),
-                      ignore_eos=args.ignore_eos)
+    request = dataclasses.replace(template, **text, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     result = generator.generate([request])[0]
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),
@@ -122,7 +142,7 @@ def convert(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "prepare": prepare, "convert": convert, "train": commands.train_command,
+        {"generate": generate, "chat": chat, "prepare": prepare, "convert": convert, "train": commands.train_command,
          "eval": commands.eval_command, "tune-tree": commands.tune_tree_command,
          "replies": commands.replies_command, "export-onnx": commands.export_onnx_command}[args.command](args)
     except (ConfigError, HeadsFormatError, FileNotFoundError, ValueError) as e:
