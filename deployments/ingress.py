@@ -33,6 +33,7 @@ logger = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 5.0
+REPLICA_CHECK_S = 1.0  # how often a request waiting for its first chunk checks that a replica still runs
 HEALTH_CACHE_S = 1.0  # /health asks the Serve controller at most once a second, however often it is probed
 # A replica that died under a request: Ray raises ActorDiedError & co. (RayError) on a call in flight, and its router
 # ReplicaUnavailableError / DeploymentUnavailableError (not RayErrors) on one it was about to send.
@@ -98,6 +99,7 @@ class Ingress:
         self.app_name = serve.get_replica_context().app_name
         self.replicas: tuple[float, dict[str, int]] = (-HEALTH_CACHE_S, {})  # (when asked, decoder replica states)
         self.served = False  # whether /health has seen a running decoder replica yet
+        self.asking: asyncio.Future | None = None  # the question to the controller in flight, if any
 
     def reconfigure(self, user_config: dict) -> None:
         app.state.options = IngressOptions.model_validate(user_config)
@@ -122,14 +124,21 @@ class Ingress:
                              "decoder_replicas": replicas})
 
     async def _decoder_replicas(self) -> dict[str, int]:
-        """Decoder replicas per state, as the controller sees them (serve.status() blocks: it runs in a thread)."""
+        """Decoder replicas per state, as the controller sees them, at most a second old; concurrent callers share
+        one question to the controller (serve.status() blocks: it runs in a thread)."""
         asked, replicas = self.replicas
-        if time.monotonic() - asked >= HEALTH_CACHE_S:
-            status = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
-            deployment = status.deployments.get(self.decoder.deployment_name) if status is not None else None
-            states = deployment.replica_states if deployment is not None else {}
-            replicas = {str(getattr(state, "value", state)): n for state, n in states.items()}
-            self.replicas = (time.monotonic(), replicas)
+        if time.monotonic() - asked < HEALTH_CACHE_S:
+            return replicas
+        if self.asking is None or self.asking.done():
+            self.asking = asyncio.ensure_future(asyncio.to_thread(self._read_replicas))
+        return await asyncio.shield(self.asking)  # a caller's timeout leaves the question to the others
+
+    def _read_replicas(self) -> dict[str, int]:
+        status = serve.status().applications.get(self.app_name)
+        deployment = status.deployments.get(self.decoder.deployment_name) if status is not None else None
+        states = deployment.replica_states if deployment is not None else {}
+        replicas = {str(getattr(state, "value", state)): n for state, n in states.items()}
+        self.replicas = (time.monotonic(), replicas)
         return replicas
 
     @app.get("/v1/models")
@@ -183,10 +192,22 @@ class Ingress:
 
     async def _start(self, inp: Request) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:
         """Open the decoder stream and read its first chunk, so errors become a status code before any byte."""
-        stream = self.decoder.options(stream=True).stream.remote(inp)
         retry = {"Retry-After": str(RETRY_AFTER_S)}
+        no_replica = ServeError(503, ErrorInfo(message="no decoder replica can serve now; retry later",
+                                               type="server_error", code="no_replica"), retry)
+        if not await self._a_replica_may_serve():
+            raise no_replica
+        stream = self.decoder.options(stream=True).stream.remote(inp)
+        first = asyncio.ensure_future(stream.__anext__())
         try:
-            first = await stream.__anext__()
+            # Serve's router holds a request until a replica can take it; if every replica is lost meanwhile (a node
+            # died), that is until one is back, so the wait is checked every second against the controller's count.
+            while not (await asyncio.wait({first}, timeout=REPLICA_CHECK_S))[0]:
+                if not await self._a_replica_may_serve():
+                    first.cancel()
+                    stream.cancel()
+                    raise no_replica
+            first = first.result()
         except BackPressureError:
             raise ServeError(503, ErrorInfo(message="server overloaded: the request queue is full, retry later",
                                             type="server_error", code="queue_full"), retry) from None
@@ -195,6 +216,16 @@ class Ingress:
         if first.error is not None:
             raise ServeError(first.status, first.error, retry if first.status == 503 else None)
         return first, self._rest(stream)
+
+    async def _a_replica_may_serve(self) -> bool:
+        """False when the controller knows the decoder but counts no running replica (its node is gone, every replica
+        is restarting): a request would wait in Serve's router until one is back, so it is refused at once instead.
+        True when a replica runs, or when the controller does not answer in time (the request goes ahead)."""
+        try:
+            replicas = await asyncio.wait_for(self._decoder_replicas(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, RayError, RayServeException):
+            return True
+        return not replicas or replicas.get("RUNNING", 0) > 0
 
     async def _rest(self, stream: AsyncIterator[DecodeChunk]) -> AsyncIterator[DecodeChunk]:
         """The stream after its first chunk; a replica lost on the way becomes one last error chunk, so a stream
