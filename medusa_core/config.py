@@ -196,7 +196,7 @@ def load_config(path: str | Path) -> GeneratorConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(expand_env(path.read_text(), path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     try:
@@ -204,6 +204,27 @@ def load_config(path: str | Path) -> GeneratorConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{path}: {problems}") from e
+
+
+def expand_env(text: str, path: Path) -> str:
+    """`${NAME}` -> the environment variable NAME (ConfigError if unset); `${NAME:-default}` -> NAME if set, else
+    `default`, which may hold YAML with braces (e.g. `${MODEL_SOURCE:-{hub_id: org/model}}`). Where a config is loaded:
+    on the head node when Serve builds the app."""
+    out, i = [], 0
+    while (start := text.find("${", i)) >= 0:
+        end, depth = start + 2, 1
+        while depth and end < len(text):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        if depth:
+            raise ConfigError(f"{path}: unclosed ${{ at character {start}")
+        name, sep, default = text[start + 2 : end - 1].partition(":-")
+        value = os.environ.get(name, default if sep else None)
+        if value is None:
+            raise ConfigError(f"{path}: environment variable {name} is not set (or give a default: ${{{name}:-...}})")
+        out += [text[i:start], value]
+        i = end
+    return "".join(out + [text[i:]])
 
 
 def cache_root() -> Path:

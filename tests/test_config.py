@@ -61,6 +61,15 @@ def test_a_config_without_heads_is_plain_or_lookup(tmp_path):
         load_config(write(tmp_path, GOOD.replace("heads: {random: {num_heads: 2}}\n", "")))
 
 
+def test_environment_variables_fill_a_config(tmp_path, monkeypatch):
+    text = GOOD.replace("{source: {path: somewhere}}", "{source: ${MODEL_SOURCE:-{path: fallback}}}")
+    assert load_config(write(tmp_path, text)).base_model.source.path == "fallback"
+    monkeypatch.setenv("MODEL_SOURCE", "{hub_id: org/model}")
+    assert load_config(write(tmp_path, text)).base_model.source.hub_id == "org/model"
+    with pytest.raises(ConfigError, match="environment variable NOT_SET_ANYWHERE is not set"):
+        load_config(write(tmp_path, GOOD.replace("name: t", "name: ${NOT_SET_ANYWHERE}")))
+
+
 def test_lookup_config(tmp_path):
     cfg = load_config(write(tmp_path, GOOD.replace("tree: {preset: chain_2}", "tree: {preset: chain_5, lookup: {}}")))
     assert (cfg.tree.lookup.min_ngram, cfg.tree.lookup.max_ngram) == (1, 4)
