@@ -1,7 +1,8 @@
 """Heads side by side: architecture x targets x data size, judged on held-out replies and on chat never trained on.
 
     python -m medusa_core replies --config configs/smollm2-135m.yaml --dtype bfloat16 --rows 64   # the data
-    python benchmarks/heads_compare.py --train-tokens 200000 400000 --steps 2000 --json benchmarks/results/heads_compare.json
+    python benchmarks/heads_compare.py --train-tokens 200000 400000 --steps 2000
+    python benchmarks/heads_compare.py --heads heads/smollm2-135m-instruct /path/to/new-heads   # trained folders
 
 Every variant trains from scratch on the first N reply tokens (`--train-tokens`, one cache of the stored self-distilled
 replies), for the same steps and batch. Then, per variant:
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the transformers model whose hidden states the heads learn from")
     p.add_argument("--served", default="configs/smollm2-135m-llamacpp.yaml", help="backend the decoding runs on")
+    p.add_argument("--heads", nargs="*", default=None, help="measure these trained heads folders instead of "
+                   "training variants (train top-1 on the first 100k cached tokens, which every stored head saw)")
     p.add_argument("--json", default="benchmarks/results/heads_compare.json")
     args = p.parse_args()
     _, hf = config_and_backend("configs/smollm2-135m.yaml", args.dtype)  # the hidden states the heads learn from
@@ -63,8 +66,8 @@ def main() -> None:
     served_config, served = config_and_backend(args.served)
     torch.set_num_threads(os.cpu_count() or 1)  # the served config sets torch to 1 thread (llama.cpp has the rest)
     prompt_sets = _prompt_sets(served, args.prompts)
-    rows = []
-    for tokens in args.train_tokens:
+    rows = [] if not args.heads else _trained(args, hf, heldout, served, served_config, prompt_sets)
+    for tokens in [] if args.heads else args.train_tokens:
         cache, _ = _cache(hf, args, held_out=False, tokens=tokens)
         for arch in args.archs:
             for target in args.targets:
@@ -87,6 +90,28 @@ def main() -> None:
                                "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=2) + "\n")
     _plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _trained(args, hf, heldout, served, served_config, prompt_sets) -> list[dict]:
+    """One row per heads folder in --heads, measured as the trained variants are."""
+    from medusa_core.heads import load_heads
+
+    seen, _ = _cache(hf, args, held_out=False, tokens=100_000)
+    rows = []
+    for folder in args.heads:
+        info = json.loads((Path(folder) / "training.json").read_text())
+        cfg = info["config"]
+        heads = load_heads(folder, hf.hidden_size, hf.vocab_size, served_config.heads.head_vocab)
+        arch = "sequential" if cfg.get("sequential") else "rooted" if cfg.get("root_conditioned") else "medusa"
+        row = {"arch": f"{Path(folder).name} ({arch}-{heads.num_heads})", "targets": cfg["targets"],
+               "train_tokens": info["train_tokens"], "assistant_tokens": info["train_assistant_tokens"],
+               "config": cfg, "train_seconds": info["train_seconds"]}
+        row["heldout"] = accuracy_table(rank_histogram(heads, heldout, "self"))
+        row["train_top1"] = accuracy_table(rank_histogram(heads, seen, "self", max_positions=1000))
+        row |= _decode(served, heads.to(served.dtype), prompt_sets, args.max_new_tokens)
+        rows.append(row)
+        print(_table(rows), flush=True)
+    return rows
 
 
 def _cache(backend, args, held_out: bool, tokens: int):
