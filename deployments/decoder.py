@@ -177,18 +177,19 @@ class Engine:
         self.metrics.record_batch(model, self.session.rows, self.session.tree_nodes)
         for job in self.jobs.values():
             job.batch_size = max(job.batch_size, self.session.rows)
-        steps: dict[str, tuple[int, list[int]]] = {}  # mode -> (tokens, accept_len per decoding row)
+        tokens: dict[str, int] = {}  # per mode: tokens this step
+        accept_lens: dict[str, list[int]] = {}  # per mode: accepted speculated tokens of each decoding row
         for d in deltas:
             job = self.jobs[d.key]
-            tokens, accept_lens = steps.setdefault(job.request.mode, (0, []))
-            steps[job.request.mode] = (tokens + len(d.token_ids), accept_lens + ([d.accept_len] if d.accept_len
-                                                                                 is not None else []))
+            mode = job.request.mode
+            tokens[mode] = tokens.get(mode, 0) + len(d.token_ids)
+            accept_lens.setdefault(mode, []).extend([d.accept_len] if d.accept_len is not None else [])
             job.chunks.put_nowait(chunk := to_chunk(d, job))
             if chunk.finish_reason is not None:
                 self.record_end(job, chunk.finish_reason, replica_stats(d, job))
                 del self.jobs[d.key]
-        for mode, (tokens, accept_lens) in steps.items():
-            self.metrics.record_steps(model, mode, tokens, accept_lens)
+        for mode, n in tokens.items():
+            self.metrics.record_steps(model, mode, n, accept_lens[mode])
 
     def record_end(self, job: Job, finish_reason: str, stats=None) -> None:
         self.metrics.record_request(self.generator.config.name, job.request.mode, finish_reason, stats)

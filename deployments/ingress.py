@@ -117,8 +117,7 @@ class Ingress:
             logger.log(level, "health check: the Serve controller did not answer (%s)", type(e).__name__)
             replicas = {}
         if replicas.get("RUNNING", 0) < 1:
-            return error_response(503, ErrorInfo(message="no decoder replica can serve", type="server_error",
-                                                 code="no_replica"), {"Retry-After": str(RETRY_AFTER_S)})
+            return error_response(503, fmt.no_replica(), {"Retry-After": str(RETRY_AFTER_S)})
         self.served = True
         return JSONResponse({"status": "ok", "model": self.model, "backend": self.backend,
                              "decoder_replicas": replicas})
@@ -193,8 +192,7 @@ class Ingress:
     async def _start(self, inp: Request) -> tuple[DecodeChunk, AsyncIterator[DecodeChunk]]:
         """Open the decoder stream and read its first chunk, so errors become a status code before any byte."""
         retry = {"Retry-After": str(RETRY_AFTER_S)}
-        no_replica = ServeError(503, ErrorInfo(message="no decoder replica can serve now; retry later",
-                                               type="server_error", code="no_replica"), retry)
+        no_replica = ServeError(503, fmt.no_replica(), retry)
         if not await self._a_replica_may_serve():
             raise no_replica
         stream = self.decoder.options(stream=True).stream.remote(inp)

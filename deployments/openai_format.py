@@ -95,6 +95,10 @@ def replica_lost() -> ErrorInfo:
                      code="replica_failed")
 
 
+def no_replica() -> ErrorInfo:
+    return ErrorInfo(message="no decoder replica can serve now; retry later", type="server_error", code="no_replica")
+
+
 def legacy_generate(text: str, last: DecodeChunk, mode: str) -> dict:
     """The original service's /generate response, `mode` in its words (medusa or normal). acceptance_rate: accepted
     speculated tokens / speculated depth."""

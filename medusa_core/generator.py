@@ -286,8 +286,9 @@ def _cost_file(config: GeneratorConfig, heads: MedusaHeads | None) -> Path:
     """Where the adaptive tree's measured step costs are kept: keyed by the model, heads (every parameter's shape
     too: a folder can be retrained with more heads, layers or root conditioning), tree, threads and CPU."""
     shapes = [] if heads is None else sorted((name, tuple(p.shape)) for name, p in heads.named_parameters())
-    key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), config.model_dump(mode="json")["heads"],
-                      shapes, config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
+    heads_config = config.heads.model_dump(mode="json") if config.heads else None
+    key = json.dumps([COST_FORMAT, config.base_model.model_dump(mode="json"), heads_config, shapes,
+                      config.tree.model_dump(mode="json"), torch.get_num_threads(), platform.machine(),
                       platform.processor(), os.cpu_count()], sort_keys=True)
     return cache_root() / "medusa" / f"tree-cost-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 

@@ -5,7 +5,6 @@ requests succeed; when the worker node's raylet dies, requests fail fast with 50
 resource comes back, the app serves again."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -104,8 +103,13 @@ def test_decoders_on_the_worker_node_and_back_after_it_dies(cluster, tmp_path):
             answers.append(("timeout", round(time.monotonic() - start, 2), None, None))
         time.sleep(0.5)
     print(f"after the worker node died: {answers}")
-    # Each answer within the ~3 s the head takes to notice; 503 + Retry-After, never a 500 or a hang.
-    assert all(status == 503 and retry and took < 5 for status, took, retry, _ in answers), answers
+    # A request sent while the replica's process still runs may finish (200); one routed to it as it dies waits until
+    # the head notices (~3 s of health checks here, longer on a loaded machine), never the minutes it used to. From
+    # then on each answer is an immediate 503 + Retry-After; never a 500, a timeout or a cut connection.
+    refused = [i for i, (status, *_) in enumerate(answers) if status != 200]
+    assert refused and all(status == 503 and retry and took < 15 for status, took, retry, _ in answers[refused[0]:]), \
+        answers
+    assert all(took < 2 for _, took, _, _ in answers[refused[0] + 1:]), answers
 
     back = cluster.add_node(**WORKER)
     start = time.monotonic()

@@ -93,7 +93,8 @@ def test_request_timeout_ends_with_504_and_counts_as_a_timeout(server):
     while endings() == before and time.monotonic() < deadline:  # exported with the next report
         time.sleep(0.2)
     timeouts, cancelled = (a - b for a, b in zip(settled(endings), before))
-    assert (timeouts, cancelled) == (1, 0), f"the timed-out request counted {timeouts:g} timeouts, {cancelled:g} cancelled"
+    assert (timeouts, cancelled) == (1, 0), f"the timed-out request counted {timeouts:g} timeouts, " \
+                                            f"{cancelled:g} cancelled"
 
 
 def test_disconnect_frees_the_row_and_spares_neighbours(server):

@@ -267,7 +267,7 @@ def eval_command(args: argparse.Namespace) -> None:
     print(_format_accuracy(accuracy))
     tree = config.tree or TreeConfig(preset="chain_1")  # a config without heads has no tree of its own
     chains = [f"chain_{d}" for d in range(2, heads.num_heads + 1)]
-    names = args.trees or ([tree.preset or "config", *chains] if config.tree else ["chain_1", *chains])
+    names = args.trees or [tree.preset or "config", *chains]
     trees = {n: build_tree_buffers(tree.resolved_paths() if n == "config" else preset_paths(n), tree.top_k)
              for n in names}
     drafted = {n: (heads, t) for n, t in trees.items() if t.max_depth <= heads.num_heads}
