@@ -4,8 +4,8 @@ Tree verification goes through the model's public forward: a 4-D boolean attenti
 position ids (len_b + depth) and a transformers DynamicCache. No modeling file is patched.
 
 On the CPU every nn.Linear of the model is swapped for `CpuLinear`, which runs each product with the kernel measured
-fastest for its row count (`kernels.linear`: (W @ x.T).T for 2-4 rows, oneDNN on a packed copy of the weight for
-one row and for more), and attention runs through SDPA with `enable_gqa`
+fastest for its row count (`kernels.linear`: (W @ x.T).T for 1-4 rows, one row padded to two, oneDNN on a packed
+copy of the weight for more), and attention runs through SDPA with `enable_gqa`
 under the tree mask (`gqa_sdpa`, registered with transformers' AttentionInterface): transformers' own SDPA path
 copies every layer's keys and values once per query group whenever a mask is given, a sizable share of a step.
 

@@ -2,7 +2,7 @@
 
 Decode steps and tree verifications multiply each weight by a handful of rows (B x T). MKL's kernel for x @ W.T
 with a few rows streams W slower than the same product laid out as (W @ x.T).T, and both fall behind oneDNN's product
-on a weight packed once into its blocked layout for one row and from a few rows on. `python benchmarks/cpu_matmul.py
+on a weight packed once into its blocked layout from a few rows on. `python benchmarks/cpu_matmul.py
 [--threads N]` prints all three for every linear layer of the embedded model; the measured table is in
 benchmarks/README.md ("cpu_matmul.py").
 """
@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 # Without a packed weight, (W @ x.T).T beats nn.Linear's product up to this many rows per torch thread.
 ROWS_PER_THREAD = 4
-# With one, (W @ x.T).T still wins from 2 rows to this many on 1 and 2 threads (benchmarks/cpu_matmul.py).
+# With one, (W @ x.T).T (one row padded to two) still wins up to this many rows on 1 and 2 threads
+# (benchmarks/cpu_matmul.py).
 FEW_ROWS = 4
 
 
@@ -26,10 +27,10 @@ def pack(weight: Tensor) -> Tensor | None:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
-    """x [..., H_in] @ weight.T (+ bias) with the fastest CPU product for its row count: (W @ x.T).T for 2 to
+    """x [..., H_in] @ weight.T (+ bias) with the fastest CPU product for its row count: (W @ x.T).T for up to
     FEW_ROWS rows, else the packed product when `packed` (from `pack(weight)`) is given."""
     M = x.numel() // x.shape[-1]
-    if packed is None or 2 <= M <= FEW_ROWS:
+    if packed is None or M <= FEW_ROWS:
         return rows_linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 

