@@ -28,7 +28,7 @@ from medusa_core.lookup import LookupDrafter
 from medusa_core.request import Request, Stats
 from medusa_core.tree import TreeBuffers, build_tree_buffers
 
-COST_FORMAT = 5  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
+COST_FORMAT = 6  # part of the step-cost file's key: bump when a backend's kernels or the timing change a step's cost
 
 
 class RequestError(ValueError):
