@@ -163,10 +163,14 @@ def tail(path: Path | None, lines: int = 30) -> str:
 
 
 def answers(url: str) -> str | None:
-    """The first model id at url/v1/models, or None while nothing answers."""
+    """The first model id at url/v1/models once the server can serve, or None before. Our ingress lists its model
+    before a decoder replica runs and refuses requests with 503 until one does; its /health says which (a server
+    without /health answers 404 there)."""
     try:
         r = httpx.get(f"{url}/v1/models", timeout=5)
-        return r.json()["data"][0]["id"] if r.status_code == 200 else None
+        if r.status_code != 200 or httpx.get(f"{url}/health", timeout=5).status_code == 503:
+            return None
+        return r.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError):
         return None
 
