@@ -1,7 +1,7 @@
 """What one verification pass costs: our backend's step against the library's raw call for the same tokens.
 
     python benchmarks/cost_curve.py [--config configs/smollm2-135m-llamacpp.yaml] [--encodings Q4_1 F16 BF16 Q8_0 Q4_0]
-        [--nodes 1 2 4 8 16] [--batch-sizes 1 4 8] [--context 200] [--long 1000] [--repeats 5] [--hf float32 bfloat16]
+        [--nodes 1 2 4 8 16] [--batch-sizes 1 4 8] [--context 200] [--long 1000] [--repeats 5] [--threads N] [--hf float32 bfloat16]
         [--device cuda] [--random-llama vicuna-7b]
 
 For every encoding of the embedded GGUF (Q4_1 as shipped, the others re-encoded by llama.cpp's quantizer), batch
@@ -102,8 +102,9 @@ def sweep(backend, name: str, args, timers) -> list[dict]:
 
 def measure_llamacpp(config, encoding: str, args) -> list[dict]:
     requantize = None if encoding == "Q4_1" else encoding
-    settings = config.base_model.llamacpp.model_copy(update={"requantize": requantize,
-                                                             "n_seq_max": max(args.batch_sizes)})
+    update = {"requantize": requantize, "n_seq_max": max(args.batch_sizes)}
+    settings = config.base_model.llamacpp.model_copy(update=update | ({"n_threads": args.threads} if args.threads
+                                                                      else {}))
     backend = load_backend(config.base_model.model_copy(update={"llamacpp": settings}))
     return sweep(backend, f"llama.cpp {encoding}", args, (ours, raw_decode))
 
@@ -176,6 +177,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--long", type=int, default=1000, help="extra context tokens of the long-request rows")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: the config's n_threads)")
     p.add_argument("--hf", nargs="*", default=[], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--hf-config", default="configs/smollm2-135m.yaml")
     p.add_argument("--device", help="torch device of the --hf rows (default: --hf-config's; cpu with --random-llama)")
@@ -186,8 +188,13 @@ def main() -> None:
     config = load_config(resolve_repo_path(args.config))
     rows = [r for enc in args.encodings for r in measure_llamacpp(config, enc, args)]
     rows += [r for dtype in args.hf for r in measure_hf(args.hf_config, dtype, args)]
-    threads = config.base_model.llamacpp.n_threads if args.encodings else torch.get_num_threads()
-    print(f"\nms per step (best of {args.repeats}), {threads} thread(s); ours = verify + keep, raw = llama_decode\n")
+    threads = (args.threads or config.base_model.llamacpp.n_threads) if args.encodings else torch.get_num_threads()
+    print(f"\nms per step (best of {args.repeats}), {threads} thread(s); ours = verify + keep, raw = llama_decode")
+    if args.encodings:  # which matmul kernels this llama-cpp-python build has (LLAMAFILE: tinyBLAS for 2+ rows)
+        import llama_cpp
+
+        print(llama_cpp.llama_print_system_info().decode().strip())
+    print()
     print(table(rows, args.nodes))
     out = resolve_repo_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

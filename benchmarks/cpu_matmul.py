@@ -1,13 +1,15 @@
 """Why the transformers backend swaps nn.Linear for CpuLinear on the CPU: the products, side by side.
 
-    python benchmarks/cpu_matmul.py [--config configs/smollm2-135m.yaml] [--rows 1 2 3 4 8 16 64]
+    python benchmarks/cpu_matmul.py [--config configs/smollm2-135m.yaml] [--rows 1 2 3 4 8 16 64] [--low-precision]
 
 For M rows (M = tree nodes x batch in a decode step), times every linear layer of the base model once, in model
 order, so the weights stream from memory as in a real step: `F.linear(x, W)` (nn.Linear's product, x @ W.T),
 `rows_linear(x, W)` (the same product computed as (W @ x.T).T, one row padded to two), oneDNN's product on the
 weight packed once (`kernels.pack`), and `kernels.linear`, which picks one of the last two by row count (what
 CpuLinear runs). Best of repeats, ms for the whole model, one run; the last column checks that all give the same
-numbers.
+numbers. With --low-precision, also the products a cheaper weight encoding would give (different numbers, so not
+checked): bf16 `F.linear`, and int8 weights (one scale per output channel) times bf16 rows,
+`torch._weight_int8pack_mm`.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 4, 8, 16, 64])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's or torch's)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--low-precision", action="store_true", help="also time bf16 and int8-weight products")
     args = ap.parse_args()
     config = load_config(args.config).base_model
     torch.set_num_threads(args.threads or config.torch_threads or torch.get_num_threads())
@@ -50,10 +53,23 @@ def main() -> None:
             }
             ms = {name: 1000 * best_time(lambda: [f(w, p) for w, p in zip(weights, packed)], args.repeats)
                   for name, f in products.items()}
+            low = low_precision_ms(weights, M, args.repeats) if args.low_precision else ""
             diff = max(float((products["F.linear"](w, p) - f(w, p)).abs().max())
                        for w, p in zip(weights, packed) for f in products.values())
             print(f"{M:>5}{ms['F.linear']:>13.1f}{ms['rows_linear']:>16.1f}{ms['packed']:>11.1f}{ms['linear']:>11.1f}"
-                  f"{ms['F.linear'] / ms['linear']:>9.2f}x{diff:>12.1e}", flush=True)
+                  f"{ms['F.linear'] / ms['linear']:>9.2f}x{diff:>12.1e}{low}", flush=True)
+
+
+def low_precision_ms(weights: list[torch.Tensor], M: int, repeats: int) -> str:
+    """ms for the whole model with bf16 weights, and with int8 weights (per-channel scales) times bf16 rows."""
+    bf16 = [w.to(torch.bfloat16) for w in weights]
+    scales = [w.abs().amax(1).clamp(min=1e-8) / 127 for w in weights]
+    int8 = [((w / s[:, None]).round().clamp(-127, 127).to(torch.int8), s.to(torch.bfloat16))
+            for w, s in zip(weights, scales)]
+    xs = {w.shape[1]: torch.randn(M, w.shape[1], dtype=torch.bfloat16) for w in weights}
+    bf16_ms = 1000 * best_time(lambda: [nn.functional.linear(xs[w.shape[1]], w) for w in bf16], repeats)
+    int8_ms = 1000 * best_time(lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8], repeats)
+    return f"   bf16 {bf16_ms:.1f} ms, int8 x bf16 {int8_ms:.1f} ms"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ ARCHS = {  # name -> TrainConfig fields
     "medusa-5": dict(num_heads=5),
     "rooted-4": dict(num_heads=4, root_conditioned=True),
     "sequential-4": dict(num_heads=4, root_conditioned=True, sequential=True),
+    "sequential-5": dict(num_heads=5, root_conditioned=True, sequential=True),
 }
 TARGETS = {"hard": "self", "soft": "soft"}
 CHAT_PROMPTS = REPO_ROOT / "benchmarks" / "data" / "chat_prompts.json"

@@ -18,9 +18,10 @@ MC_SIM_7B_63: list[list[int]] = [
 
 
 # Built by `python -m medusa_core tune-tree --data generated` (the paper's greedy construction) from the held-out
-# rank accuracies of the shipped heads/smollm2-135m-instruct with head_vocab 8192: the greedy order's first 7
-# speculated nodes (head 1's top-4 alternatives, head 2 behind head 1's top-2), and its first 3, the size the
-# measured step cost on 2 CPU cores picks (shipped in configs/smollm2-135m.yaml; see the heads' model card).
+# rank accuracies of the heads shipped on 2026-12-01 with head_vocab 8192: the greedy order's first 7 speculated nodes
+# (head 1's top-4 alternatives, head 2 behind head 1's top-2), and its first 3, the size the measured step cost on 2
+# CPU cores picked then (shipped in configs/smollm2-135m.yaml). The sequential heads shipped since begin their greedy
+# order with the same 3 nodes (docs/design.md, "Choosing the tree").
 SMOLLM2_GREEDY_8: list[list[int]] = [[0], [0, 0], [1], [0, 1], [2], [3], [1, 0]]
 SMOLLM2_GREEDY_4: list[list[int]] = SMOLLM2_GREEDY_8[:3]
 

@@ -152,6 +152,29 @@ def test_hidden_state_feeds_the_heads(gen):
     assert bool((theirs[top_ours.indices] >= top_theirs.values[-1] - 0.5).all())
 
 
+def test_sequence_hidden_is_every_position_of_a_decode(gen):
+    """Training caches from llama.cpp: each position's state equals the one decoding reaches at that position
+    (prefill, then one token per step), and a cache built through this backend holds them."""
+    from medusa_core.tools.data import Encoded
+    from medusa_core.tools.distill import build_cache
+
+    be = gen.backend
+    ids = gen.encode("Name three colours and say why the sky is blue.")
+    fwd, cache = be.prefill([ids[:4]])
+    stepwise = [fwd.hidden[0, 0]]
+    for t in ids[4:]:
+        stepwise.append(be.verify(cache, torch.tensor([[t]]), plain_tree()).hidden[0, 0])
+        be.keep(cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long))
+    every = be.sequence_hidden(ids)  # [S, H]
+    assert every.shape == (len(ids), be.hidden_size)
+    # the Q4_1 file: a pass of several rows reproduces one-row steps bit for bit (module docstring of the backend)
+    torch.testing.assert_close(every[3:], torch.stack(stepwise), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="earlier batch"):  # the context was cleared
+        be.verify(cache, torch.tensor([[ids[0]]]), plain_tree())
+    built = build_cache(be, [Encoded(ids, [True] * len(ids)), Encoded(ids[:5], [True] * 5)])
+    torch.testing.assert_close(built.hidden, torch.cat([every, every[:5]]).half(), atol=0, rtol=0)  # kept as fp16
+
+
 def test_stale_cache_row_limit_and_branching_tree(gen):
     be = gen.backend
     _, old = be.prefill([[1, 2, 3]])

@@ -190,6 +190,18 @@ def test_ray_train_two_workers(cache, tmp_path):
     assert float(head_loss(loaded, cache, probe, c)) < float(head_loss(new_heads(c, 64), cache, probe, c))
 
 
+def test_rank_histogram_of_bf16_heads_ranks_as_their_fp32_copy(cache):
+    """eval and tune-tree load the heads in the backend's dtype (bf16 with --dtype bfloat16) and rank them on the
+    fp32 cache: that once failed with a dtype mismatch."""
+    from medusa_core.tools.evaluate import rank_histogram
+
+    heads = train(cache, cfg(steps=30)).heads
+    fp32 = rank_histogram(heads, cache, max_rank=10)
+    bf16 = rank_histogram(heads.to(torch.bfloat16), cache, max_rank=10)
+    assert heads.weight.dtype == torch.bfloat16  # the caller's heads stay as they were
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)
+
+
 def test_rank_histogram_counts_targets_beyond_head_vocab_as_misses(cache):
     from medusa_core.tools.evaluate import rank_histogram
 

@@ -201,6 +201,19 @@ class LlamaCppBackend:
                 rm(self.mem, b, -1, -1)
         return LlamaCache(cache.epoch, [cache.lens[b] for b in kept])
 
+    def sequence_hidden(self, ids: Sequence[int]) -> Tensor:
+        """Final-norm hidden states [S, H] of every position of one sequence, for training caches of the states this
+        backend serves with. Clears the context: a running batch's cache is invalid afterwards."""
+        if len(ids) > self.context_length:
+            raise ValueError(f"a sequence of {len(ids)} tokens exceeds the context window of {self.context_length}")
+        self.lc.llama_memory_clear(self.mem, False)
+        self.epoch += 1
+        step = self.settings.n_batch
+        parts = [self._decode([(t, start + i, 0) for i, t in enumerate(ids[start : start + step])], outputs=True)[1]
+                 for start in range(0, len(ids), step)]
+        self.lc.llama_memory_clear(self.mem, False)
+        return torch.cat(parts)
+
     def _check(self, cache: LlamaCache) -> None:
         if cache.epoch != self.epoch:
             raise RuntimeError("this llama.cpp cache belongs to an earlier batch: a newer prefill cleared the context")

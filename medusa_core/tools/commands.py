@@ -120,9 +120,10 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
     root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
-    # The states' dtype names the folder: caches of one model in two dtypes must not mix.
-    dtype = str(backend.dtype).removeprefix("torch.")
-    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{dtype}"
+    # The states' source names the folder: caches of one model in two dtypes, or from llama.cpp, must not mix.
+    gguf = getattr(backend, "gguf_path", None)
+    states = f"llamacpp-{gguf.stem}" if gguf else str(backend.dtype).removeprefix("torch.")
+    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{states}"
     shards, paths, pool = [], [], None
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"

@@ -110,16 +110,18 @@ def load_lm_head(folder: str | Path) -> Tensor:
 
 
 def base_hidden(backend: Backend, ids: Tensor, attention: Tensor) -> Tensor:
-    """ids [B, S] right-padded -> final-norm hidden states [B, S, H] (one plain causal forward pass)."""
-    # The backend's prefill returns only the last position; training needs all of them, so call the model body,
-    # which only the transformers backend has.
+    """ids [B, S] right-padded -> final-norm hidden states [B, S, H] (one plain causal forward pass; zeros at pads)."""
+    # The backend's prefill returns only the last position; training needs all of them: the transformers model body
+    # gives them, llama.cpp outputs every position of a sequence decoded on its own.
     from medusa_core.backends.hf import HFBackend
 
-    if not isinstance(backend, HFBackend):
-        raise ValueError("a hidden-state cache needs every position's hidden state, which only the transformers "
-                         "backend gives: use a model config with base_model.backend: hf")
-    out = backend.model.model(input_ids=ids.to(backend.device), attention_mask=attention.to(backend.device))
-    return out.last_hidden_state
+    if isinstance(backend, HFBackend):
+        out = backend.model.model(input_ids=ids.to(backend.device), attention_mask=attention.to(backend.device))
+        return out.last_hidden_state
+    hidden = torch.zeros(*ids.shape, backend.hidden_size)
+    for b, n in enumerate(attention.sum(1).tolist()):
+        hidden[b, :n] = backend.sequence_hidden(ids[b, :n].tolist())
+    return hidden
 
 
 @torch.no_grad()  # not inference_mode: training later backpropagates through ops on these tensors

@@ -10,6 +10,7 @@ tokens match.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ def rank_histogram(heads: MedusaHeads, cache: HiddenCache, kind: str = "self", m
     are ranked (a standard error near 1 % on accuracy).
     """
     K = heads.num_heads
+    if heads.weight.dtype != torch.float32:  # heads loaded to decode in bf16/fp16: rank in fp32, as training does
+        heads = copy.deepcopy(heads).float()
     positions = loss_positions(cache)
     positions = positions[torch.linspace(0, len(positions) - 1, min(max_positions, len(positions))).long()]
     counts = torch.zeros(K, max_rank + 1)  # last column: rank >= max_rank
