@@ -66,14 +66,14 @@ def test_written_whole_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
     assert (tmp_path / "folder.tokenizer" / "tokenizer.json").is_file()
 
 
-def test_cache_on_the_llamacpp_backend_says_it_needs_transformers():
-    """Distillation needs every position's hidden state, which only the transformers backend gives: on llama.cpp
-    it says so instead of failing on a missing attribute."""
+def test_llamacpp_states_get_their_own_cache_folder():
+    """Hidden states from llama.cpp (the served Q8_0 copy) and from the transformers model must never share a cache:
+    the folder names the file whose states they are."""
     from medusa_core.backends import load_backend
     from medusa_core.config import REPO_ROOT, load_config
-    from medusa_core.tools.data import Encoded
-    from medusa_core.tools.distill import build_cache
+    from medusa_core.tools.commands import states_name
 
-    backend = load_backend(load_config(REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml").base_model)
-    with pytest.raises(ValueError, match="only the transformers backend"):
-        build_cache(backend, [Encoded([1, 2, 3], [False, True, True])])
+    llama = load_backend(load_config(REPO_ROOT / "configs" / "smollm2-135m-llamacpp.yaml").base_model)
+    assert states_name(llama) == "llamacpp-SmolLM2-135M-Instruct.Q4_1.Q8_0"
+    base = load_config(REPO_ROOT / "configs" / "smollm2-135m.yaml").base_model
+    assert states_name(load_backend(base.model_copy(update={"dtype": "bfloat16"}))) == "bfloat16"

@@ -108,6 +108,12 @@ def config_and_backend(config_path: str, dtype: str | None = None):
     return config, load_backend(base)
 
 
+def states_name(backend) -> str:
+    """What names a hidden-state cache's folder: caches of one model in two dtypes, or from llama.cpp, must not mix."""
+    gguf = getattr(backend, "gguf_path", None)  # llama.cpp: the file whose states they are
+    return f"llamacpp-{gguf.stem}" if gguf else str(backend.dtype).removeprefix("torch.")
+
+
 def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int | None = None):
     """Load or build the held-in or held-out cache: shards of `shard` conversations (default `replies.SHARD`: cache
     shard i is reply shard i) until the token budget is met (`args`: cache_dir, max_seq, train_tokens or
@@ -120,10 +126,7 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
     root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
-    # The states' source names the folder: caches of one model in two dtypes, or from llama.cpp, must not mix.
-    gguf = getattr(backend, "gguf_path", None)
-    states = f"llamacpp-{gguf.stem}" if gguf else str(backend.dtype).removeprefix("torch.")
-    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{states}"
+    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{states_name(backend)}"
     shards, paths, pool = [], [], None
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
