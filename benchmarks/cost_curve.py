@@ -1,8 +1,8 @@
 """What one verification pass costs: our backend's step against the library's raw call for the same tokens.
 
     python benchmarks/cost_curve.py [--config configs/smollm2-135m-llamacpp.yaml] [--encodings Q4_1 F16 BF16 Q8_0 Q4_0]
-        [--nodes 1 2 4 8 16] [--batch-sizes 1 4 8] [--context 200] [--long 1000] [--repeats 5] [--threads N] [--hf float32 bfloat16]
-        [--device cuda] [--random-llama vicuna-7b]
+        [--nodes 1 2 4 8 16] [--batch-sizes 1 4 8] [--context 200] [--long 1000] [--repeats 5] [--threads N]
+        [--hf float32 bfloat16] [--device cuda] [--random-llama vicuna-7b]
 
 For every encoding of the embedded GGUF (Q4_1 as shipped, the others re-encoded by llama.cpp's quantizer), batch
 size B and chain of N nodes it times, after a B-row prefill of `--context` tokens:
