@@ -103,8 +103,9 @@ def sweep(backend, name: str, args, timers) -> list[dict]:
 def measure_llamacpp(config, encoding: str, args) -> list[dict]:
     requantize = None if encoding == "Q4_1" else encoding
     update = {"requantize": requantize, "n_seq_max": max(args.batch_sizes)}
-    settings = config.base_model.llamacpp.model_copy(update=update | ({"n_threads": args.threads} if args.threads
-                                                                      else {}))
+    if args.threads:
+        update["n_threads"] = args.threads
+    settings = config.base_model.llamacpp.model_copy(update=update)
     backend = load_backend(config.base_model.model_copy(update={"llamacpp": settings}))
     return sweep(backend, f"llama.cpp {encoding}", args, (ours, raw_decode))
 

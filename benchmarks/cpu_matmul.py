@@ -39,6 +39,7 @@ def main() -> None:
     print(f"{len(weights)} linear layers, {sum(w.numel() for w in weights) / 1e6:.1f} M weights, "
           f"{torch.get_num_threads()} threads")
     packed = [pack(w) for w in weights]
+    low_weights = low_precision_weights(weights) if args.low_precision else None
     print(f"{'rows':>5}{'F.linear ms':>13}{'rows_linear ms':>16}{'packed ms':>11}{'linear ms':>11}{'speed-up':>10}"
           f"{'max |diff|':>12}")
     with torch.inference_mode():
@@ -53,20 +54,26 @@ def main() -> None:
             }
             ms = {name: 1000 * best_time(lambda: [f(w, p) for w, p in zip(weights, packed)], args.repeats)
                   for name, f in products.items()}
-            low = low_precision_ms(weights, M, args.repeats) if args.low_precision else ""
+            low = low_precision_ms(low_weights, M, args.repeats) if args.low_precision else ""
             diff = max(float((products["F.linear"](w, p) - f(w, p)).abs().max())
                        for w, p in zip(weights, packed) for f in products.values())
             print(f"{M:>5}{ms['F.linear']:>13.1f}{ms['rows_linear']:>16.1f}{ms['packed']:>11.1f}{ms['linear']:>11.1f}"
                   f"{ms['F.linear'] / ms['linear']:>9.2f}x{diff:>12.1e}{low}", flush=True)
 
 
-def low_precision_ms(weights: list[torch.Tensor], M: int, repeats: int) -> str:
-    """ms for the whole model with bf16 weights, and with int8 weights (per-channel scales) times bf16 rows."""
+def low_precision_weights(weights: list[torch.Tensor]) -> tuple[list, list]:
+    """The weights in bf16, and as int8 with one bf16 scale per output channel (made once, timed at every M)."""
     bf16 = [w.to(torch.bfloat16) for w in weights]
     scales = [w.abs().amax(1).clamp(min=1e-8) / 127 for w in weights]
     int8 = [((w / s[:, None]).round().clamp(-127, 127).to(torch.int8), s.to(torch.bfloat16))
             for w, s in zip(weights, scales)]
-    xs = {w.shape[1]: torch.randn(M, w.shape[1], dtype=torch.bfloat16) for w in weights}
+    return bf16, int8
+
+
+def low_precision_ms(low_weights: tuple[list, list], M: int, repeats: int) -> str:
+    """ms for the whole model with bf16 weights, and with int8 weights (per-channel scales) times bf16 rows."""
+    bf16, int8 = low_weights
+    xs = {w.shape[1]: torch.randn(M, w.shape[1], dtype=torch.bfloat16) for w in bf16}
     bf16_ms = 1000 * best_time(lambda: [nn.functional.linear(xs[w.shape[1]], w) for w in bf16], repeats)
     int8_ms = 1000 * best_time(lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8], repeats)
     return f"   bf16 {bf16_ms:.1f} ms, int8 x bf16 {int8_ms:.1f} ms"
