@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from medusa_core.tools import data as sharegpt
-from medusa_core.tools.commands import config_and_backend, load_or_build_cache
+from medusa_core.tools.commands import REPLIES, config_and_backend, load_or_build_cache
 from medusa_core.config import REPO_ROOT
 from medusa_core.tools.evaluate import accuracy_table, benchmark_trees, rank_histogram
 from medusa_core.tools.train import TrainConfig, train
@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="ResBlocks per head")
     p.add_argument("--prompts", type=int, default=8, help="prompts per set (held-out ShareGPT, chat)")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--replies", default="heads/smollm2-135m-instruct/replies")
+    p.add_argument("--replies", nargs="+", default=REPLIES, help="folders of reply shards (the first "
+                   "folder holding a shard gives it)")
     p.add_argument("--cache-dir", default=None, help="hidden-state caches (default: <cache root>/medusa)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the transformers model whose hidden states the heads learn from")

@@ -170,7 +170,7 @@ def test_eval_changes_the_heads_folder_only_with_write_card(tmp_path, capsys):
     from medusa_core.tools.model_card import HAND_WRITTEN
 
     heads = tmp_path / "heads"
-    shutil.copytree(REPO / "heads" / "smollm2-135m-instruct", heads, ignore=shutil.ignore_patterns("replies"))
+    shutil.copytree(REPO / "heads" / "smollm2-135m-instruct", heads, ignore=shutil.ignore_patterns("replies*"))
     ids = list(range(100, 400))  # a held-out "reply" of 300 tokens: the cache is its prefill
     replies.save_shard(replies.shard_path(tmp_path / "r", True, 0), [Encoded(ids, [False] * 20 + [True] * 280)])
     before = {p.name: p.read_bytes() for p in heads.iterdir()}

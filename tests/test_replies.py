@@ -135,16 +135,35 @@ def test_chat_prompts_were_never_training_data():
     assert [p for p in prompts if p.lower() in text] == []
 
 
+def test_build_can_continue_another_folders_numbering(backend, tmp_path):
+    """A folder of replies made another way (`extends`) starts where the earlier folder's shards end: its first shard
+    answers the conversations after theirs, and the earlier folder is left as it was."""
+    convs = [conversation(i, t) for i, t in enumerate(TURNS)]
+    replies.build(backend, iter(convs), tmp_path / "a", False, budget=1, max_seq=96, max_reply=8, shard=2)
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    replies.build(backend, iter(convs), tmp_path / "b", False, budget=10_000, max_seq=96, max_reply=8, shard=2,
+                  extends=[tmp_path / "a"])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before == ["train-0000.npz"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["train-0001.npz", "train-0002.npz"]
+    assert replies.load_shard(tmp_path / "b" / "train-0001.npz") == replies.answer(backend, convs[1:3], 96, 8)
+    assert replies.find_shard([tmp_path / "a", tmp_path / "b"], False, 2) == tmp_path / "b" / "train-0002.npz"
+    assert replies.find_shard([tmp_path / "a", tmp_path / "b"], False, 3) is None
+
+
 def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedded_generator):
-    """`--data generated` builds the hidden-state cache from the stored ids alone (no decoding)."""
+    """`--data generated` builds the hidden-state cache from the stored ids alone (no decoding), each shard from the
+    first folder that holds it."""
     import types
 
     from medusa_core.tools.commands import load_or_build_cache
 
     seqs = [Encoded([1, 2, 3, 4, 5, 6], [False, False, True, True, True, True]), Encoded([9, 8, 7], [False] * 3)]
+    later = [Encoded([11, 12, 13], [False, True, True])]
     replies.save_shard(replies.shard_path(tmp_path / "r", False, 0), seqs)
+    replies.save_shard(replies.shard_path(tmp_path / "s", False, 1), later)
+    replies.save_shard(replies.shard_path(tmp_path / "s", False, 0), [Encoded([40, 41], [False, True])])  # shadowed
     args = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), max_seq=512, train_tokens=1_000, eval_tokens=0,
-                                 replies=str(tmp_path / "r"))
+                                 replies=[str(tmp_path / "r"), str(tmp_path / "s")])
     cache, paths = load_or_build_cache(embedded_generator.backend, args, held_out=False, data="generated")
-    assert len(paths) == 1 and sorted(cache.tokens.tolist()) == sorted(s for q in seqs for s in q.ids)
-    assert int(cache.assistant.sum()) == 4 and torch.isfinite(cache.hidden.float()).all()
+    assert len(paths) == 2 and sorted(cache.tokens.tolist()) == sorted(s for q in seqs + later for s in q.ids)
+    assert int(cache.assistant.sum()) == 6 and torch.isfinite(cache.hidden.float()).all()

@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct"
-DEFAULT_REPLIES = "heads/smollm2-135m-instruct/replies"
+# The shipped heads' data: the first 96 training shards answered by transformers in bf16, the rest by llama.cpp.
+REPLIES = ["heads/smollm2-135m-instruct/replies", "heads/smollm2-135m-instruct/replies-llamacpp"]
 
 
 def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
@@ -47,7 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     rp = sub.add_parser("replies", help="answer ShareGPT conversations with the base model itself, kept as token "
                         "ids (the self-distillation data); resumes at the first missing shard")
     rp.add_argument("--config", default="configs/smollm2-135m-llamacpp.yaml", help="model config that answers")
-    rp.add_argument("--out", default=DEFAULT_REPLIES, help="folder of reply shards")
+    rp.add_argument("--out", default=REPLIES[-1], help="folder of reply shards (one model and setting)")
+    rp.add_argument("--extends", nargs="*", default=REPLIES[:-1], help="folders whose shards count as made: --out "
+                    "continues their numbering (conversations) with its own model and setting")
     rp.add_argument("--train-tokens", type=int, default=5_000_000, help="reply tokens to store for training")
     rp.add_argument("--eval-tokens", type=int, default=40_000, help="reply tokens to store for held-out evaluation")
     rp.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (later turns are dropped)")
@@ -90,7 +93,8 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--eval-tokens", type=int, default=30_000, help="tokens of held-out text to cache")
     p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
                    help="ShareGPT replies as written, or the base model's own greedy replies (`replies` shards)")
-    p.add_argument("--replies", default=DEFAULT_REPLIES, help="reply shards for --data generated")
+    p.add_argument("--replies", nargs="+", default=REPLIES, help="folders of reply shards for --data generated; "
+                   "each shard comes from the first folder that holds it")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="transformers backend: weights dtype, and so the dtype of the cached hidden states "
                    "(default: the config's; bfloat16 caches about twice as fast on CPUs with AVX512-BF16)")
@@ -131,10 +135,10 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
         if not path.is_file() and data == "generated":  # prefill of the stored replies: no decoding
-            source = replies.shard_path(resolve_repo_path(args.replies), held_out, len(paths))
-            if not source.is_file():
-                print(f"{source.parent} holds {len(paths)} {'held-out' if held_out else 'train'} reply shards; "
-                      f"`python -m medusa_core replies` makes more")
+            source = replies.find_shard([resolve_repo_path(f) for f in args.replies], held_out, len(paths))
+            if source is None:
+                print(f"{', '.join(args.replies)} hold {len(paths)} {'held-out' if held_out else 'train'} reply "
+                      f"shards; `python -m medusa_core replies` makes more")
                 break
             sequences = [s for s in replies.load_shard(source) if s.ids]
             build_cache(backend, sequences, desc=f"shard {len(paths)}").save(path)
@@ -191,7 +195,7 @@ def replies_command(args: argparse.Namespace) -> None:
     replies.check_source(out, source)
     for held_out, budget in ((True, args.eval_tokens), (False, args.train_tokens)):
         stored = replies.build(backend, iter(_conversations(held_out)), out, held_out, budget, args.max_seq,
-                               args.max_reply, rows=args.rows)
+                               args.max_reply, rows=args.rows, extends=[resolve_repo_path(f) for f in args.extends])
         print(f"{out}: {stored} {'held-out' if held_out else 'train'} reply tokens")
 
 

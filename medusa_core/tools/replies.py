@@ -8,14 +8,16 @@ room for the next turn or conversation at once), through any backend; the llama.
 
 The replies are kept as token ids (the vocabulary fits uint16), in compressed shards of SHARD conversations taken
 in the split's fixed order: `python -m medusa_core replies` resumes at the first missing shard, and a new machine
-rebuilds the hidden-state cache from the shards by prefill alone (`commands.load_or_build_cache`).
+rebuilds the hidden-state cache from the shards by prefill alone (`commands.load_or_build_cache`). A folder holds the
+replies of one model and setting (source.json); a folder made another way can continue another's numbering
+(`build(..., extends=...)`), and readers take each shard from the first folder of their list that holds it.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,11 @@ def save_shard(path: Path, sequences: list[Encoded]) -> None:
     assistant = np.array([a for s in sequences for a in s.assistant], dtype=bool)
     with written_whole(path) as tmp:
         np.savez_compressed(tmp, ids=ids.astype(np.uint16), assistant=np.packbits(assistant), offsets=offsets)
+
+
+def find_shard(folders: Sequence[str | Path], held_out: bool, index: int) -> Path | None:
+    """Shard `index` of a split from the first of `folders` that holds it (None if none does)."""
+    return next((p for f in folders if (p := shard_path(f, held_out, index)).is_file()), None)
 
 
 def load_shard(path: Path) -> list[Encoded]:
@@ -156,11 +163,12 @@ def _end_turn(tok, d: _Dialogue, reply: list[int], end: list[int]) -> None:
 
 
 def build(backend: Backend, conversations: Iterator[Conversation], folder: str | Path, held_out: bool,
-          budget: int, max_seq: int, max_reply: int, shard: int = SHARD, rows: int = 8) -> int:
-    """Answer conversations into shards until `budget` reply tokens are stored (existing shards count and are kept).
-    Returns the reply tokens stored."""
+          budget: int, max_seq: int, max_reply: int, shard: int = SHARD, rows: int = 8,
+          extends: Sequence[str | Path] = ()) -> int:
+    """Answer conversations into shards until `budget` reply tokens are stored (existing shards, in `folder` or in
+    the folders it `extends`, count and are kept; new ones go to `folder`). Returns the reply tokens stored."""
     index, stored, done = 0, 0, 0
-    while (path := shard_path(folder, held_out, index)).is_file():
+    while (path := find_shard([folder, *extends], held_out, index)) is not None:
         part = load_shard(path)
         stored, done, index = stored + reply_tokens(part), done + len(part), index + 1
     bar = tqdm(total=budget, initial=min(stored, budget), desc=f"{'held-out' if held_out else 'train'} replies",
