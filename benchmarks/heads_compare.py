@@ -1,6 +1,6 @@
 """Heads side by side: architecture x targets x data size, judged on held-out replies and on chat never trained on.
 
-    python -m medusa_core replies --config configs/smollm2-135m.yaml --dtype bfloat16 --rows 64   # the data
+    python -m medusa_core replies --rows 64 --threads 2   # the data: resumes after the last stored shard
     python benchmarks/heads_compare.py --train-tokens 200000 400000 --steps 2000
     python benchmarks/heads_compare.py --heads heads/smollm2-135m-instruct /path/to/new-heads   # trained folders
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 HAND_WRITTEN = "## How these heads were made"  # from this heading on, a card is prose that re-rendering keeps
 GENERATED = ("the base model's own greedy replies to each user turn, its earlier replies in context (the stored "
-             "`replies/` shards)")
+             "`replies*/` shards)")
 
 
 def render_card(train: dict | None, evaluation: dict | None) -> str:
