@@ -150,6 +150,17 @@ def test_build_can_continue_another_folders_numbering(backend, tmp_path):
     assert replies.find_shard([tmp_path / "a", tmp_path / "b"], False, 3) is None
 
 
+def test_extends_refuses_another_models_or_lengths_replies(tmp_path):
+    source = {"model": "m", "backend": "llamacpp", "max_seq": 512, "max_reply": 256, "weights": "Q8_0"}
+    replies.check_source(tmp_path / "a", source | {"backend": "hf", "weights": "bfloat16"})
+    replies.check_extends([tmp_path / "a"], source)  # computed another way: allowed
+    replies.check_source(tmp_path / "b", source | {"max_seq": 1024})
+    with pytest.raises(ValueError, match="max_seq=1024, not max_seq=512"):
+        replies.check_extends([tmp_path / "b"], source)
+    with pytest.raises(ValueError, match="model=None"):  # no source.json: not a reply folder
+        replies.check_extends([tmp_path / "missing"], source)
+
+
 def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedded_generator):
     """`--data generated` builds the hidden-state cache from the stored ids alone (no decoding), each shard from the
     first folder that holds it."""

@@ -192,11 +192,14 @@ def replies_command(args: argparse.Namespace) -> None:
     out = resolve_repo_path(args.out)
     source = {"model": config.name, "backend": base.backend, "max_seq": args.max_seq, "max_reply": args.max_reply,
               "weights": base.llamacpp.requantize or base.gguf_file if base.backend == "llamacpp" else base.dtype}
+    extends = [resolve_repo_path(f) for f in args.extends]
+    replies.check_extends(extends, source)
     replies.check_source(out, source)
     for held_out, budget in ((True, args.eval_tokens), (False, args.train_tokens)):
         stored = replies.build(backend, iter(_conversations(held_out)), out, held_out, budget, args.max_seq,
-                               args.max_reply, rows=args.rows, extends=[resolve_repo_path(f) for f in args.extends])
-        print(f"{out}: {stored} {'held-out' if held_out else 'train'} reply tokens")
+                               args.max_reply, rows=args.rows, extends=extends)
+        print(f"{stored} {'held-out' if held_out else 'train'} reply tokens in {out}"
+              + "".join(f" and {f}" for f in args.extends))
 
 
 def train_command(args: argparse.Namespace) -> None:

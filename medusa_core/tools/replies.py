@@ -58,6 +58,17 @@ def check_source(folder: Path, source: dict) -> None:
         raise ValueError(f"{folder} holds replies made with {kept}, not {source}; use another --out")
 
 
+def check_extends(folders: Sequence[Path], source: dict) -> None:
+    """A folder continued by another holds the same model's replies at the same lengths: only how they were computed
+    (backend, weights) may differ, so the chain is one self-distilled dataset."""
+    for folder in folders:
+        path = folder / "source.json"
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        if differ := [k for k in ("model", "max_seq", "max_reply") if kept.get(k) != source[k]]:
+            raise ValueError(f"--extends {folder}: its replies have " + ", ".join(f"{k}={kept.get(k)!r}" for k in
+                             differ) + f", not {', '.join(f'{k}={source[k]!r}' for k in differ)}")
+
+
 def shard_path(folder: str | Path, held_out: bool, index: int) -> Path:
     return Path(folder) / f"{'heldout' if held_out else 'train'}-{index:04d}.npz"
 
