@@ -132,10 +132,11 @@ def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", s
     root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
     folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{states_name(backend)}"
     shards, paths, pool = [], [], None
+    reply_folders = [resolve_repo_path(f) for f in args.replies] if data == "generated" else []
     while sum(s.num_tokens for s in shards) < budget:
         path = folder / f"shard-{len(paths):04d}.pt"
         if not path.is_file() and data == "generated":  # prefill of the stored replies: no decoding
-            source = replies.find_shard([resolve_repo_path(f) for f in args.replies], held_out, len(paths))
+            source = replies.find_shard(reply_folders, held_out, len(paths))
             if source is None:
                 print(f"{', '.join(args.replies)} hold {len(paths)} {'held-out' if held_out else 'train'} reply "
                       f"shards; `python -m medusa_core replies` makes more")
