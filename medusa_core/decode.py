@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from medusa_core.backends import Backend
+from medusa_core.backends import Backend, Forward
 from medusa_core.request import Request
 from medusa_core.sampling import choose_token
 from medusa_core.tree import TreeBuffers, plain_tree
@@ -92,16 +92,43 @@ def admit(backend: Backend, batch: Batch | None, requests: dict[int, Request]) -
     keys, new = tuple(requests), list(requests.values())
     if any(not r.prompt_ids or r.max_tokens is None for r in new):
         raise ValueError("a request joins the batch with prompt_ids and max_tokens set (MedusaGenerator.prepare)")
-    rows = tuple(_Row(r, r.sampling.row_seed(), list(r.prompt_ids)) for r in new)
     fwd, cache = backend.prefill([r.prompt_ids for r in new], None if batch is None else batch.cache)
-    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.seed, len(r.history))
-                          for b, r in enumerate(rows)])
-    events = [_emit(row, [int(roots[b])], None, backend.eos_token_ids, keys[b]) for b, row in enumerate(rows)]
+    rows, roots, events = _start(backend, fwd, requests)
     hidden = fwd.hidden[:, 0]  # [B_new, H]
     if batch is not None:
         keys, rows = batch.keys + keys, batch.rows + rows
         roots, hidden = torch.cat([batch.roots, roots]), torch.cat([batch.hidden, hidden])
     return Batch(keys, rows, cache, roots, hidden), events
+
+
+def extend(backend: Backend, batch: Batch, requests: dict[int, Request]) -> tuple[Batch, list[StepEvent]]:
+    """Rows whose request ended take the next request of the same sequence (a conversation's next turn), keyed by the
+    row's key: its prompt starts with the row's history, and only the rest is prefilled onto the row's cache
+    (`backend.extend`, a llama.cpp backend method). Emits their first token."""
+    where = [batch.keys.index(k) for k in requests]
+    tails = []
+    for b, r in zip(where, requests.values()):
+        history = batch.rows[b].history
+        if r.max_tokens is None or tuple(r.prompt_ids[: len(history)]) != tuple(history):
+            raise ValueError(f"request {batch.keys[b]} does not continue its row: its prompt must start with the row's "
+                             "history, and max_tokens be set")
+        tails.append(r.prompt_ids[len(history) - 1 :])  # the row's last token is chosen, not yet in the cache
+    fwd = backend.extend(batch.cache, where, tails)
+    started, new_roots, events = _start(backend, fwd, requests)
+    rows, roots, hidden = list(batch.rows), batch.roots.clone(), batch.hidden.clone()
+    for i, b in enumerate(where):
+        rows[b], roots[b], hidden[b] = started[i], new_roots[i], fwd.hidden[i, 0]
+    return Batch(batch.keys, tuple(rows), batch.cache, roots, hidden), events
+
+
+def _start(backend: Backend, fwd: Forward, requests: dict[int, Request]) -> tuple[tuple[_Row, ...], Tensor, list[StepEvent]]:
+    """New rows for requests whose prompts were just read (fwd: each one's last position): their first tokens."""
+    rows = tuple(_Row(r, r.sampling.row_seed(), list(r.prompt_ids)) for r in requests.values())
+    roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.seed, len(r.history))
+                          for b, r in enumerate(rows)])
+    events = [_emit(row, [int(roots[b])], None, backend.eos_token_ids, key)
+              for b, (key, row) in enumerate(zip(requests, rows))]
+    return rows, roots, events
 
 
 def retire(backend: Backend, batch: Batch, is_cancelled: Callable[[int], bool]

@@ -8,6 +8,7 @@ import torch
 from equivalence import MAX_NEAR_TIES, llama_reference, llama_scorer, near_ties
 from medusa_core.tools import replies
 from medusa_core.config import REPO_ROOT, load_config
+from medusa_core.tree import plain_tree
 from medusa_core.tools.data import Conversation, Encoded
 
 pytest.importorskip("llama_cpp")
@@ -96,6 +97,49 @@ def test_conversations_keep_their_user_turns_in_order_and_fit(case):
 def test_a_conversation_ends_where_the_next_reply_would_not_fit(backend):
     short = replies.answer(backend, [conversation(0, TURNS[2])], max_seq=60, max_reply=20)
     assert len(short) == 1 and len(short[0].ids) <= 60 and 1 <= len(spans(short[0])) < 3
+
+
+def test_a_next_turn_is_read_onto_its_row_as_a_prefill_of_the_whole_would(backend):
+    """llama.cpp's `extend`: tokens appended to a row that holds a conversation give what a fresh prefill of the
+    whole gives, bit for bit, and leave the other rows as they were."""
+    first, second = backend.tokenizer.encode("Name a primary color."), backend.tokenizer.encode("Red. Another?")
+    other = backend.tokenizer.encode("Say hello in French.")
+    whole, _ = backend.prefill([first + second])
+    alone, _ = backend.prefill([other])
+    _, cache = backend.prefill([other, first])
+    extended = backend.extend(cache, [1], [second])
+    assert torch.equal(extended.logits, whole.logits) and torch.equal(extended.hidden, whole.hidden)
+    assert cache.lens == [len(other), len(first + second)]
+    step = backend.verify(cache, torch.tensor([[int(alone.logits[0, 0].argmax())], [7]]), plain_tree())
+    again, _ = backend.prefill([other + [int(alone.logits[0, 0].argmax())]])
+    assert torch.equal(step.logits[0, 0], again.logits[0, 0])  # row 0 untouched by row 1's turn
+
+
+def test_later_turns_are_not_read_again(backend, monkeypatch):
+    """On llama.cpp a conversation keeps its row from turn to turn: the only prefills are first turns, and later
+    turns read just their new tokens (the speed-up of `replies`, benchmarks/README.md)."""
+    prefilled, extended = [], []
+    prefill, extend = backend.prefill, backend.extend
+    monkeypatch.setattr(backend, "prefill", lambda prompts, cache=None: prefilled.extend(prompts) or prefill(prompts,
+                                                                                                           cache))
+    monkeypatch.setattr(backend, "extend", lambda cache, rows, tokens: extended.extend(tokens) or extend(cache, rows,
+                                                                                                         tokens))
+    answered = answer_all(backend, rows=2)
+    assert len(prefilled) == len(TURNS)  # one per conversation
+    later_turns = sum(len(spans(seq)) - 1 for seq in answered)
+    assert later_turns > 0 and len(extended) == later_turns
+    read = sum(map(len, prefilled)) + sum(map(len, extended))
+    assert read == sum(len(seq.ids) for seq in answered) - sum(sum(seq.assistant) for seq in answered) + later_turns
+
+
+def test_a_row_continues_only_a_request_that_extends_its_history(backend):
+    from medusa_core.decode import admit, extend
+    from medusa_core.request import Request
+
+    ids = tuple(backend.tokenizer.encode("Say hello in French."))
+    batch, _ = admit(backend, None, {0: Request(prompt_ids=ids, max_tokens=4, mode="plain")})
+    with pytest.raises(ValueError, match="does not continue its row"):
+        extend(backend, batch, {0: Request(prompt_ids=(5,) + ids, max_tokens=4, mode="plain")})
 
 
 def test_shards_round_trip_as_uint16_and_refuse_wider_ids(tmp_path):

@@ -153,17 +153,32 @@ class LlamaCppBackend:
             raise ValueError(f"{first} + {len(prompts)} rows exceed base_model.llamacpp.n_seq_max={self.max_rows}")
         if (longest := max(len(p) for p in prompts)) > self.context_length:
             raise ValueError(f"a prompt of {longest} tokens exceeds the context window of {self.context_length}")
-        # All but each prompt's last token, without outputs (no lm_head over the prompt); one row at a time, so that
+        fwd = self._read([(first + b, 0, p) for b, p in enumerate(prompts)])
+        return fwd, LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
+
+    def extend(self, cache: LlamaCache, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> Forward:
+        """Append tokens to these rows' sequences (a conversation's next turn after what the row holds), as if they
+        had been part of its prompt; Forward holds each row's last position ([len(rows), 1, ...])."""
+        self._check(cache)
+        if any(cache.lens[b] + len(t) > self.context_length for b, t in zip(rows, tokens)):
+            raise ValueError(f"extending a row past the context window of {self.context_length} tokens")
+        fwd = self._read([(b, cache.lens[b], t) for b, t in zip(rows, tokens)])
+        for b, t in zip(rows, tokens):
+            cache.lens[b] += len(t)
+        return fwd
+
+    def _read(self, parts: list[tuple[int, int, Sequence[int]]]) -> Forward:
+        """Decode each (sequence, first position, tokens) part; outputs at each part's last token only."""
+        # All but each part's last token, without outputs (no lm_head over the prompt); one sequence at a time, so that
         # its compute passes are cut as when it is decoded alone (their shape moves the float sums).
         self.lc.llama_set_embeddings(self.ctx, False)
-        for b, p in enumerate(prompts):
-            body = [(t, pos, first + b) for pos, t in enumerate(p[:-1])]
+        for seq, pos, tokens in parts:
+            body = [(t, pos + i, seq) for i, t in enumerate(tokens[:-1])]
             for start in range(0, len(body), self.settings.n_batch):
                 self._decode(body[start : start + self.settings.n_batch], outputs=False)
         self.lc.llama_set_embeddings(self.ctx, True)
-        logits, hidden = self._decode([(p[-1], len(p) - 1, first + b) for b, p in enumerate(prompts)], outputs=True)
-        cache = LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
-        return Forward(logits[:, None], hidden[:, None]), cache  # [B, 1, V], [B, 1, H]
+        logits, hidden = self._decode([(t[-1], pos + len(t) - 1, seq) for seq, pos, t in parts], outputs=True)
+        return Forward(logits[:, None], hidden[:, None])  # [B, 1, V], [B, 1, H]
 
     def verify(self, cache: LlamaCache, tokens: Tensor, tree: TreeBuffers) -> Forward:
         self._check(cache)

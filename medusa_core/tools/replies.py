@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.decode import Batch, admit, advance, retire
+from medusa_core.decode import Batch, admit, advance, extend, retire
 from medusa_core.files import written_whole
 from medusa_core.request import Request
 from medusa_core.tools.data import Conversation, Encoded
@@ -110,9 +110,10 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
     waiting = list(range(len(dialogues)))[::-1]  # a stack: conversations still to start, first on top
     rows = min(rows, backend.max_rows or rows)
     burst = max(1, rows // 8)  # rows join and leave the batch this many at a time: each join or leave copies caches
+    follow = hasattr(backend, "extend")  # llama.cpp: a next turn stays on its row, read onto the cache it holds
     batch: Batch | None = None
-    turns: dict[int, tuple[int, list[int]]] = {}  # batch key -> (conversation, reply so far); a key per turn
-    ended: set[int] = set()  # turns that ended but still hold a row (decoding on, ignored) until a burst is out
+    turns: dict[int, tuple[int, list[int]]] = {}  # batch key -> (conversation, reply so far)
+    ended: set[int] = set()  # keys of rows done (decoding on, ignored) until a burst of them leaves
     while waiting or batch is not None:
         new: dict[int, Request] = {}
         room = rows - (len(batch.rows) if batch else 0)
@@ -127,18 +128,28 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
             continue
         else:
             batch, events = advance(backend, None, None, batch)
-        for e in events:
-            if e.key in ended:
-                continue
-            conversation, reply = turns[e.key]
-            reply += e.tokens
-            if bar is not None:
-                bar.update(len(e.tokens))
-            if e.finish_reason is not None:  # plain decoding: a stopped row's last token is the one that stopped it
+        while events:  # a next turn's first token may end it at once
+            nexts: dict[int, Request] = {}
+            for e in events:
+                if e.key in ended:
+                    continue
+                conversation, reply = turns[e.key]
+                reply += e.tokens
+                if bar is not None:
+                    bar.update(len(e.tokens))
+                if e.finish_reason is None:
+                    continue
+                # plain decoding: a stopped row's last token is the one that stopped it
                 end = [batch.rows[batch.keys.index(e.key)].history[-1]] if e.finish_reason == "stop" else []
                 _end_turn(tok, dialogues[conversation], reply, end)
-                waiting.append(conversation)  # its next turn goes next, while its context is fresh
-                ended.add(e.key)
+                if not follow:
+                    waiting.append(conversation)  # its next turn goes next, a new row, while its context is fresh
+                    ended.add(e.key)
+                elif (request := _next_turn(tok, dialogues[conversation], max_seq, max_reply)) is not None:
+                    nexts[e.key], turns[e.key] = request, (conversation, [])
+                else:
+                    ended.add(e.key)
+            batch, events = extend(backend, batch, nexts) if nexts else (batch, [])
         if len(ended) >= min(burst, len(batch.rows)):
             batch, _ = retire(backend, batch, lambda key: False)
             ended.clear()
