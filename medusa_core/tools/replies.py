@@ -3,8 +3,9 @@
 Medusa's self-distillation (paper, section 3.2.1) trains the heads on the base model's own replies, so the hidden
 states they learn from are the ones they meet when serving. `answer` keeps the user turns of a conversation and
 replaces every assistant turn with the base model's greedy reply, the earlier replies in context, until the
-conversation or `max_seq` tokens run out. Rows decode in one continuously refilled batch (a finished turn makes
-room for the next turn or conversation at once), through any backend; the llama.cpp backend is the fast one here.
+conversation or `max_seq` tokens run out. Rows decode in one continuously refilled batch through any backend; on
+llama.cpp (the fast one here) a conversation keeps its row and each next turn is read onto the cache the row holds
+(`decode.extend`), elsewhere a finished turn leaves and its next turn joins as a new request.
 
 The replies are kept as token ids (the vocabulary fits uint16), in compressed shards of SHARD conversations taken
 in the split's fixed order: `python -m medusa_core replies` resumes at the first missing shard, and a new machine
