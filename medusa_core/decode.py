@@ -121,7 +121,8 @@ def extend(backend: Backend, batch: Batch, requests: dict[int, Request]) -> tupl
     return Batch(batch.keys, tuple(rows), batch.cache, roots, hidden), events
 
 
-def _start(backend: Backend, fwd: Forward, requests: dict[int, Request]) -> tuple[tuple[_Row, ...], Tensor, list[StepEvent]]:
+def _start(backend: Backend, fwd: Forward, requests: dict[int, Request]
+           ) -> tuple[tuple[_Row, ...], Tensor, list[StepEvent]]:
     """New rows for requests whose prompts were just read (fwd: each one's last position): their first tokens."""
     rows = tuple(_Row(r, r.sampling.row_seed(), list(r.prompt_ids)) for r in requests.values())
     roots = torch.tensor([choose_token(fwd.logits[b, 0], r.request.sampling, r.seed, len(r.history))
