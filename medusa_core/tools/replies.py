@@ -21,12 +21,13 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from medusa_core.backends import Backend
-from medusa_core.decode import Batch, admit, advance, extend, retire
+from medusa_core.decode import Batch, StepEvent, admit, advance, extend, retire
 from medusa_core.files import written_whole
 from medusa_core.request import Request
 from medusa_core.tools.data import Conversation, Encoded
@@ -106,23 +107,13 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
     """Every assistant turn replaced by the base model's greedy reply (earlier replies in context), one sequence per
     conversation in input order (empty where not even the first reply fits): each holds exactly the ids the model
     read and wrote, its replies (and end-of-turn tokens) marked."""
-    tok = backend.tokenizer
     dialogues = [_Dialogue([m["content"] for m in c.messages if m["role"] == "user"]) for c in conversations]
-    waiting = list(range(len(dialogues)))[::-1]  # a stack: conversations still to start, first on top
+    book = _Turns(backend.tokenizer, dialogues, max_seq, max_reply, hasattr(backend, "extend"), bar)
     rows = min(rows, backend.max_rows or rows)
     burst = max(1, rows // 8)  # rows join and leave the batch this many at a time: each join or leave copies caches
-    follow = hasattr(backend, "extend")  # llama.cpp: a next turn stays on its row, read onto the cache it holds
     batch: Batch | None = None
-    turns: dict[int, tuple[int, list[int]]] = {}  # batch key -> (conversation, reply so far)
-    ended: set[int] = set()  # keys of rows done (decoding on, ignored) until a burst of them leaves
-    while waiting or batch is not None:
-        new: dict[int, Request] = {}
-        room = rows - (len(batch.rows) if batch else 0)
-        while waiting and room - len(new) >= (1 if new else min(burst, len(waiting))) and len(new) < room:
-            conversation = waiting.pop()
-            if (request := _next_turn(tok, dialogues[conversation], max_seq, max_reply)) is not None:
-                key = len(turns)
-                new[key], turns[key] = request, (conversation, [])
+    while book.waiting or batch is not None:
+        new = book.first_turns(rows - (len(batch.rows) if batch else 0), burst)
         if new:
             batch, events = admit(backend, batch, new)
         elif batch is None:
@@ -130,31 +121,69 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
         else:
             batch, events = advance(backend, None, None, batch)
         while events:  # a next turn's first token may end it at once
-            nexts: dict[int, Request] = {}
-            for e in events:
-                if e.key in ended:
-                    continue
-                conversation, reply = turns[e.key]
-                reply += e.tokens
-                if bar is not None:
-                    bar.update(len(e.tokens))
-                if e.finish_reason is None:
-                    continue
-                # plain decoding: a stopped row's last token is the one that stopped it
-                end = [batch.rows[batch.keys.index(e.key)].history[-1]] if e.finish_reason == "stop" else []
-                _end_turn(tok, dialogues[conversation], reply, end)
-                if not follow:
-                    waiting.append(conversation)  # its next turn goes next, a new row, while its context is fresh
-                    ended.add(e.key)
-                elif (request := _next_turn(tok, dialogues[conversation], max_seq, max_reply)) is not None:
-                    nexts[e.key], turns[e.key] = request, (conversation, [])
-                else:
-                    ended.add(e.key)
+            nexts = book.record(batch, events)
             batch, events = extend(backend, batch, nexts) if nexts else (batch, [])
-        if len(ended) >= min(burst, len(batch.rows)):
+        if len(book.ended) >= min(burst, len(batch.rows)):
             batch, _ = retire(backend, batch, lambda key: False)
-            ended.clear()
+            book.ended.clear()
     return [Encoded(d.ids, d.assistant) if any(d.assistant) else Encoded([], []) for d in dialogues]
+
+
+@dataclass
+class _Turns:
+    """`answer`'s bookkeeping: which conversation each batch key is answering, its reply so far, and what comes next.
+    With `follow` (a backend with `extend`) a conversation's next turn continues on its row; without, it waits for a
+    new row, ahead of conversations not yet started."""
+
+    tok: Any
+    dialogues: list[_Dialogue]
+    max_seq: int
+    max_reply: int
+    follow: bool
+    bar: tqdm | None
+    waiting: list[int] = field(default_factory=list)  # a stack: conversations (or next turns) to start, first on top
+    turns: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # batch key -> (conversation, reply so far)
+    ended: set[int] = field(default_factory=set)  # keys of rows done (decoding on, ignored) until a burst leaves
+
+    def __post_init__(self) -> None:
+        self.waiting = list(range(len(self.dialogues)))[::-1]
+
+    def first_turns(self, room: int, burst: int) -> dict[int, Request]:
+        """Requests for waiting conversations to join the batch: a burst of them at once, or none, within `room`."""
+        new: dict[int, Request] = {}
+        while self.waiting and room - len(new) >= (1 if new else min(burst, len(self.waiting))) and len(new) < room:
+            conversation = self.waiting.pop()
+            if (request := self.next_turn(conversation)) is not None:
+                key = len(self.turns)
+                new[key], self.turns[key] = request, (conversation, [])
+        return new
+
+    def next_turn(self, conversation: int) -> Request | None:
+        return _next_turn(self.tok, self.dialogues[conversation], self.max_seq, self.max_reply)
+
+    def record(self, batch: Batch, events: list[StepEvent]) -> dict[int, Request]:
+        """Add a step's tokens to the replies; returns the next turns to read onto the rows whose turn just ended."""
+        nexts: dict[int, Request] = {}
+        for e in events:
+            if e.key in self.ended:
+                continue
+            conversation, reply = self.turns[e.key]
+            reply += e.tokens
+            if self.bar is not None:
+                self.bar.update(len(e.tokens))
+            if e.finish_reason is None:
+                continue
+            # plain decoding: a stopped row's last token is the one that stopped it
+            end = [batch.rows[batch.keys.index(e.key)].history[-1]] if e.finish_reason == "stop" else []
+            _end_turn(self.tok, self.dialogues[conversation], reply, end)
+            if not self.follow:
+                self.waiting.append(conversation)  # its next turn goes next, while its context is fresh
+                self.ended.add(e.key)
+            elif (request := self.next_turn(conversation)) is not None:
+                nexts[e.key], self.turns[e.key] = request, (conversation, [])
+            else:
+                self.ended.add(e.key)
+        return nexts
 
 
 def _next_turn(tok, d: _Dialogue, max_seq: int, max_reply: int) -> Request | None:
