@@ -53,13 +53,23 @@ class LlamaCppConfig(Strict):
     n_ubatch: int = Field(63, gt=0, description="Tokens per llama.cpp compute pass (one llama_decode may run several). "
                           "At 64 and more its CPU matmul changes kernel and the float sums of a tree pass no longer "
                           "equal the sequential pass.")
-    kv_type: Literal["f32", "f16"] = Field("f32", description="KV cache element type.")
+    kv_type: Literal["f32", "f16", "bf16"] = Field("bf16", description="KV cache element type. With f32 or f16 and "
+                                                   "more than one thread, llama.cpp's flash attention splits a one-token "
+                                                   "pass over 512+ cells across threads (a chain pass it does not): "
+                                                   "refused, as Medusa would no longer equal plain decoding.")
     flash_attn: bool = Field(True, description="Flash attention: each query row is computed alone, so a tree pass "
                              "equals the sequential pass (off, the KQ matmul's result depends on the batch shape).")
     requantize: Literal["F16", "BF16", "Q8_0", "Q4_0"] | None = Field(
         None, description="Run a copy of gguf_file re-encoded once by llama.cpp's quantizer into cache_dir. F16 and "
         "BF16 hold a Q4 file's weights to within their rounding and their CPU matmuls batch rows far better; Q4_0 is "
         "coarser than the shipped Q4_1 (faster, not the same model).")
+
+    @model_validator(mode="after")
+    def _exact(self) -> LlamaCppConfig:
+        if self.flash_attn and self.kv_type != "bf16" and self.n_threads != 1:
+            raise ValueError(f"kv_type {self.kv_type} with n_threads {self.n_threads or 'all cores'}: past 256 tokens "
+                             "a one-token pass would not sum as a chain pass does; use kv_type bf16 or n_threads 1")
+        return self
 
 
 class BaseModelConfig(Strict):

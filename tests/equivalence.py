@@ -143,7 +143,9 @@ def llama_reference(gguf_path, settings, n_ctx: int):
     import llama_cpp
     from llama_cpp import llama_cpp as lib
 
-    kv = 1 if settings.kv_type == "f16" else 0
+    from medusa_core.backends.llamacpp import GGML_TYPE
+
+    kv = GGML_TYPE[settings.kv_type]
     defaults = lib.llama_model_default_params
 
     def plain_buffers():  # as our backend loads a model: no AMX or repacked weights (see backends/llamacpp.py)

@@ -91,7 +91,12 @@ LLAMACPP = GOOD.replace("base_model: {source: {path: somewhere}}",
 def test_llamacpp_settings(tmp_path):
     cfg = load_config(write(tmp_path, LLAMACPP))
     s = cfg.base_model.llamacpp
-    assert (s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (2, 64, 4, "f32", True)
+    assert (s.n_threads, s.n_batch, s.n_seq_max, s.kv_type, s.flash_attn) == (2, 64, 4, "bf16", True)
+    for kv_type in ("f16", "f32"):  # split across threads past 256 tokens (test_llamacpp): Medusa != plain
+        with pytest.raises(ConfigError, match=f"kv_type {kv_type} with n_threads 2"):
+            load_config(write(tmp_path, LLAMACPP.replace("n_seq_max: 4}", f"n_seq_max: 4, kv_type: {kv_type}}}")))
+    one = LLAMACPP.replace("n_threads: 2", "n_threads: 1").replace("n_seq_max: 4}", "n_seq_max: 4, kv_type: f16}")
+    assert load_config(write(tmp_path, one)).base_model.llamacpp.kv_type == "f16"
     assert s.n_ubatch == 63 and s.requantize is None
     for encoding in ("F16", "BF16", "Q8_0", "Q4_0"):
         text = LLAMACPP.replace("n_seq_max: 4}", f"n_seq_max: 4, requantize: {encoding}}}")

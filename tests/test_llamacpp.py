@@ -139,6 +139,30 @@ def test_keep_and_select_equal_sequential(gen):
         torch.testing.assert_close(nxt.hidden[i, 0], ref_next.hidden[0, 0], atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("kv_type", ["bf16", "f16"])
+def test_a_chain_pass_equals_one_token_steps_past_256_tokens_on_two_threads(gen, kv_type):
+    """Past 256 cells (a 512-cell KV view) llama.cpp's flash attention splits a one-token pass of one row across its
+    threads and sums the parts, a chain pass it computes whole: with two threads only a bf16 cache, which that split
+    does not take, keeps a chain pass equal to plain decoding. f16 (and f32) with more than one thread part: the
+    config refuses them (test_config); if this f16 case ever stops parting, that rule is moot."""
+    from medusa_core.backends.llamacpp import LlamaCppBackend
+
+    b = gen.backend
+    settings = b.settings.model_copy(update={"n_threads": 2, "kv_type": kv_type, "n_seq_max": 1})
+    backend = LlamaCppBackend(b.gguf_path, settings, b.tokenizer, context_length=400)
+    ids = b.tokenizer.encode((REPO_ROOT / "README.md").read_text())
+    prompt, nodes = ids[:300], ids[300:304]
+    _, cache = backend.prefill([prompt])
+    chained = backend.verify(cache, torch.tensor([nodes]), build_tree_buffers(preset_paths("chain_3"), top_k=10))
+    _, cache = backend.prefill([prompt])
+    same = []
+    for t, node in enumerate(nodes):
+        step = backend.verify(cache, torch.tensor([[node]]), plain_tree())
+        backend.keep(cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long))
+        same.append(torch.equal(step.logits[0, 0], chained.logits[0, t]))
+    assert all(same) if kv_type == "bf16" else not all(same)
+
+
 def test_hidden_state_feeds_the_heads(gen):
     """The hidden state is the final-norm one: the torch lm_head on it reproduces llama.cpp's logits."""
     fwd, _ = gen.backend.prefill([gen.encode("The capital of France is")])

@@ -41,7 +41,7 @@ from medusa_core.config import MAX_CHAIN_NODES, BaseModelConfig, LlamaCppConfig,
 from medusa_core.files import written_whole
 from medusa_core.tree import TreeBuffers
 
-GGML_TYPE = {"f32": 0, "f16": 1}
+GGML_TYPE = {"f32": 0, "f16": 1, "bf16": 30}
 @dataclass
 class LlamaCache:
     """Row b's KV is llama.cpp sequence b (its own stream); lens[b] accepted tokens are in it."""
