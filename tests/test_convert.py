@@ -18,8 +18,8 @@ from medusa_core.tree import build_tree_buffers, plain_tree
 
 lc = pytest.importorskip("llama_cpp")
 
-# Flash attention off: llama.cpp's CPU flash attention rounds through f16 (logit error ~5e-3); off, f32 matches 1e-5
-SETTINGS = LlamaCppConfig(n_threads=1, n_batch=128, n_seq_max=4, flash_attn=False)
+# Flash attention off, f32 cache: llama.cpp's CPU flash attention rounds through f16 (logit error ~5e-3); off, f32 matches 1e-5
+SETTINGS = LlamaCppConfig(n_threads=1, n_batch=128, n_seq_max=4, flash_attn=False, kv_type="f32")
 TEXT = "Hello world! The year 2024 had 366 days.\n  def f(x):\treturn x**2  # naïve café"
 
 
