@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from medusa_core.backends import Backend, Forward
+from medusa_core.backends import Backend, Forward, RowExtending
 from medusa_core.request import Request
 from medusa_core.sampling import choose_token
 from medusa_core.tree import TreeBuffers, plain_tree
@@ -101,14 +101,16 @@ def admit(backend: Backend, batch: Batch | None, requests: dict[int, Request]) -
     return Batch(keys, rows, cache, roots, hidden), events
 
 
-def extend(backend: Backend, batch: Batch, requests: dict[int, Request]) -> tuple[Batch, list[StepEvent]]:
+def extend(backend: RowExtending, batch: Batch, requests: dict[int, Request]) -> tuple[Batch, list[StepEvent]]:
     """Rows whose request ended take the next request of the same sequence (a conversation's next turn), keyed by the
-    row's key: its prompt starts with the row's history, and only the rest is prefilled onto the row's cache
-    (`backend.extend`, a llama.cpp backend method). Emits their first token."""
+    row's key: its prompt starts with the row's history (every token the row chose, a Medusa step's past a stop
+    included), and only the rest is read onto the row's cache. Emits their first token."""
     where = [batch.keys.index(k) for k in requests]
     tails = []
     for b, r in zip(where, requests.values()):
         history = batch.rows[b].history
+        if batch.rows[b].finish_reason not in ("stop", "length"):
+            raise ValueError(f"request {batch.keys[b]}'s row is still decoding (or cancelled): nothing to continue")
         if r.max_tokens is None or tuple(r.prompt_ids[: len(history)]) != tuple(history):
             raise ValueError(f"request {batch.keys[b]} does not continue its row: its prompt must start with the row's "
                              "history, and max_tokens be set")

@@ -138,8 +138,13 @@ def test_a_row_continues_only_a_request_that_extends_its_history(backend):
 
     ids = tuple(backend.tokenizer.encode("Say hello in French."))
     batch, _ = admit(backend, None, {0: Request(prompt_ids=ids, max_tokens=4, mode="plain")})
+    with pytest.raises(ValueError, match="still decoding"):  # its request would be lost
+        extend(backend, batch, {0: Request(prompt_ids=tuple(batch.rows[0].history) + (5,), max_tokens=4)})
+    batch, _ = admit(backend, None, {0: Request(prompt_ids=ids, max_tokens=1, mode="plain")})  # ends at once
     with pytest.raises(ValueError, match="does not continue its row"):
         extend(backend, batch, {0: Request(prompt_ids=(5,) + ids, max_tokens=4, mode="plain")})
+    batch, events = extend(backend, batch, {0: Request(prompt_ids=tuple(batch.rows[0].history) + (5,), max_tokens=4)})
+    assert batch.rows[0].finish_reason is None and len(events) == 1
 
 
 def test_shards_round_trip_as_uint16_and_refuse_wider_ids(tmp_path):

@@ -8,7 +8,7 @@ Backends are imported lazily by name so that a missing optional dependency only 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -53,6 +53,15 @@ class Backend(Protocol):
     def lm_head_rows(self, ids: Tensor) -> Tensor:
         """Token ids [...] -> their lm_head rows [..., H] (each token's output embedding): how root-conditioned
         heads see the root token."""
+
+
+@runtime_checkable
+class RowExtending(Protocol):
+    """A backend that can grow one row of a running batch (llama.cpp: each row is its own KV stream)."""
+
+    def extend(self, cache: Any, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> Forward:
+        """Append tokens to these rows' sequences (a conversation's next turn after what the row holds), as if they
+        had been part of its prompt; Forward holds each row's last position ([len(rows), 1, ...])."""
 
 
 def load_backend(config: BaseModelConfig) -> Backend:

@@ -157,8 +157,7 @@ class LlamaCppBackend:
         return fwd, LlamaCache(cache.epoch, cache.lens + [len(p) for p in prompts])
 
     def extend(self, cache: LlamaCache, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> Forward:
-        """Append tokens to these rows' sequences (a conversation's next turn after what the row holds), as if they
-        had been part of its prompt; Forward holds each row's last position ([len(rows), 1, ...])."""
+        """RowExtending.extend: each row is its own sequence, so only its own cells grow."""
         self._check(cache)
         if any(cache.lens[b] + len(t) > self.context_length for b, t in zip(rows, tokens)):
             raise ValueError(f"extending a row past the context window of {self.context_length} tokens")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medusa_core.backends import Backend
+from medusa_core.backends import Backend, RowExtending
 from medusa_core.decode import Batch, StepEvent, admit, advance, extend, retire
 from medusa_core.files import written_whole
 from medusa_core.request import Request
@@ -108,7 +108,7 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
     conversation in input order (empty where not even the first reply fits): each holds exactly the ids the model
     read and wrote, its replies (and end-of-turn tokens) marked."""
     dialogues = [_Dialogue([m["content"] for m in c.messages if m["role"] == "user"]) for c in conversations]
-    book = _Turns(backend.tokenizer, dialogues, max_seq, max_reply, hasattr(backend, "extend"), bar)
+    book = _Turns(backend.tokenizer, dialogues, max_seq, max_reply, isinstance(backend, RowExtending), bar)
     rows = min(rows, backend.max_rows or rows)
     burst = max(1, rows // 8)  # rows join and leave the batch this many at a time: each join or leave copies caches
     batch: Batch | None = None
@@ -123,10 +123,15 @@ def answer(backend: Backend, conversations: list[Conversation], max_seq: int, ma
         while events:  # a next turn's first token may end it at once
             nexts = book.record(batch, events)
             batch, events = extend(backend, batch, nexts) if nexts else (batch, [])
-        if len(book.ended) >= min(burst, len(batch.rows)):
+        if len(book.ended) >= min(burst, len(batch.rows)) or _filling(batch, book.ended, backend.context_length):
             batch, _ = retire(backend, batch, lambda key: False)
             book.ended.clear()
     return [Encoded(d.ids, d.assistant) if any(d.assistant) else Encoded([], []) for d in dialogues]
+
+
+def _filling(batch: Batch, ended: set[int], limit: int) -> bool:
+    """Whether a row kept (ignored) until a burst of them leaves is about to outgrow the context window."""
+    return any(len(batch.rows[batch.keys.index(k)].history) >= limit for k in ended)
 
 
 @dataclass
