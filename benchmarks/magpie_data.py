@@ -16,23 +16,26 @@ from llama_cpp import Llama
 from tqdm import tqdm
 
 from medusa_core.backends import load_backend
-from medusa_core.config import cache_root, load_config, resolve_repo_path
+from medusa_core.config import load_config, resolve_repo_path
 from medusa_core.tools import replies
 from medusa_core.tools.data import Conversation
 
 CONFIG = "configs/smollm2-135m-llamacpp.yaml"
-USER_TURN = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-             "<|im_start|>user\n")  # SmolLM2's chat template with its default system turn, up to the user's text
+MARK = "\x00"  # stands for the user's text, to cut the rendered template there
 
 
-def sample_prompts(n: int) -> list[str]:
-    gguf = cache_root() / "models" / "SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf"
-    if not gguf.is_file():
-        raise SystemExit(f"{gguf} is missing: load {CONFIG} once (e.g. `bash .ci/serve`), which writes it")
-    model = Llama(str(gguf), n_ctx=256, n_threads=2, verbose=False)
+def user_turn(tokenizer) -> str:
+    """The model's chat template (its default system turn included) up to where the user's text goes."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": MARK}], tokenize=False)
+    return text[: text.index(MARK)]
+
+
+def sample_prompts(backend, n: int) -> list[str]:
+    model = Llama(str(backend.gguf_path), n_ctx=256, n_threads=2, verbose=False)  # the served file
+    prefix = user_turn(backend.tokenizer)
     prompts = []
     for i in tqdm(range(n), desc="sampling user turns", unit="prompt"):
-        c = model.create_completion(USER_TURN, max_tokens=64, temperature=1.0, top_p=0.95, stop=["<|im_end|>"],
+        c = model.create_completion(prefix, max_tokens=64, temperature=1.0, top_p=0.95, stop=["<|im_end|>"],
                                     seed=i)["choices"][0]
         if c["finish_reason"] == "stop" and len(c["text"].strip()) >= 12:
             prompts.append(c["text"].strip())
@@ -46,15 +49,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    prompts_file = args.out / "prompts.json"
-    if not prompts_file.is_file():
-        prompts_file.write_text(json.dumps(sample_prompts(args.prompts), indent=0))
-    prompts = json.loads(prompts_file.read_text())
-    print(f"{len(prompts)} user turns in {prompts_file}")
     base = load_config(resolve_repo_path(CONFIG)).base_model
     base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update={"n_seq_max": 64, "n_threads": 2})})
+    backend = load_backend(base)
+    prompts_file = args.out / "prompts.json"
+    if not prompts_file.is_file():
+        prompts_file.write_text(json.dumps(sample_prompts(backend, args.prompts), indent=0))
+    prompts = json.loads(prompts_file.read_text())
+    print(f"{len(prompts)} user turns in {prompts_file}")
     conversations = [Conversation(f"magpie-{i}", ({"role": "user", "content": p},)) for i, p in enumerate(prompts)]
-    stored = replies.build(load_backend(base), iter(conversations), args.out / "replies", False, args.reply_tokens,
+    stored = replies.build(backend, iter(conversations), args.out / "replies", False, args.reply_tokens,
                            512, 256, rows=64)
     print(f"{stored} reply tokens in {args.out / 'replies'}")
 
