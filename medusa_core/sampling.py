@@ -32,12 +32,25 @@ def probabilities(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / max(temperature, TINY), dim=-1)
     if top_p >= 1:
         return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p, order = _nucleus_candidates(probs, top_p)
     # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
     drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return filtered / filtered.sum(-1, keepdim=True)
+
+
+def _nucleus_candidates(probs: Tensor, top_p: float, k: int = 256) -> tuple[Tensor, Tensor]:
+    """The largest probabilities [..., k'] in descending order and their tokens, for k' = k or 8k if that mass
+    reaches top_p in every row (the nucleus lies inside them: a top-k is far cheaper than sorting the whole
+    vocabulary), else all of them."""
+    for size in (k, 8 * k):
+        if size >= probs.shape[-1]:
+            break
+        top, order = probs.topk(size, dim=-1)
+        if bool((top.sum(-1) >= top_p).all()):
+            return top, order
+    return probs.sort(dim=-1, descending=True)
 
 
 def choose_token(logits: Tensor, params: SamplingParams, seed: int, position: int) -> int:

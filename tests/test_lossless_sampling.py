@@ -140,3 +140,31 @@ def test_seeded_request_equals_plain_sampling_whatever_the_tree_and_batch(tiny_b
                     ignore_eos=True)
     other_seed = run_joining(tiny_backend, None, [plain_tree()], {0: other}, {0: 0})[0]
     assert other_seed != plain, "another seed must sample other tokens"
+
+
+def nucleus_by_hand(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """The top_p nucleus written out in plain Python (no torch, no shortcut): tokens by descending probability,
+    kept while the mass before them is below top_p, renormalised."""
+    top = max(logits)
+    weights = [math.exp((x - top) / temperature) for x in logits]
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    kept, mass = [0.0] * len(probs), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if mass >= top_p:
+            break
+        kept[i], mass = probs[i], mass + probs[i]
+    total = sum(kept)
+    return [p / total for p in kept]
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.0, 4.0, 12.0])  # flat (nucleus ~ the vocabulary) to peaked (a few tokens)
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_nucleus_equals_its_definition_however_wide(scale, top_p):
+    """`probabilities` looks for the nucleus in the top 256, then the top 2,048 tokens before sorting all of them:
+    the result must not depend on where the nucleus ends (V = 49,152, as the embedded model's)."""
+    logits = torch.randn(49_152, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    got = probabilities(logits, 1.0, top_p)
+    want = torch.tensor(nucleus_by_hand(logits.tolist(), 1.0, top_p))
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-9)
