@@ -161,11 +161,11 @@ def test_shards_round_trip_as_uint16_and_refuse_wider_ids(tmp_path):
 
 def test_build_answers_what_the_budget_needs_and_resumes_after_it(backend, tmp_path):
     convs = [conversation(i, t) for i, t in enumerate(TURNS)]
-    small = replies.build(backend, iter(convs), tmp_path, False, budget=1, max_seq=96, max_reply=8, shard=4)
+    small = replies.build(backend, convs, tmp_path, False, budget=1, max_seq=96, max_reply=8, shard=4)
     assert small > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz"]
     assert len(replies.load_shard(tmp_path / "train-0000.npz")) == 1  # one conversation met the budget, not four
     first = (tmp_path / "train-0000.npz").stat().st_mtime_ns
-    more = replies.build(backend, iter(convs), tmp_path, False, budget=10_000, max_seq=96, max_reply=8, shard=2)
+    more = replies.build(backend, convs, tmp_path, False, budget=10_000, max_seq=96, max_reply=8, shard=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-0000.npz", "train-0001.npz", "train-0002.npz"]
     assert (tmp_path / "train-0000.npz").stat().st_mtime_ns == first  # kept, not answered again
     alone = replies.answer(backend, convs[1:3], 96, 8)
@@ -174,23 +174,27 @@ def test_build_answers_what_the_budget_needs_and_resumes_after_it(backend, tmp_p
         replies.load_shard(tmp_path / "train-0002.npz"))
 
 
-def test_chat_prompts_were_never_training_data():
-    """The benchmark's everyday prompts must be new to the heads: none occurs in ShareGPT (held-in or not)."""
+def test_chat_prompts_were_never_training_data(backend):
+    """The benchmark's everyday prompts must be new to the heads: none occurs in ShareGPT (held-in or not), nor in
+    the stored conversations whose user turns the model wrote itself."""
     from medusa_core.tools.data import sharegpt_path
 
     prompts = json.loads((REPO_ROOT / "benchmarks" / "data" / "chat_prompts.json").read_text())["prompts"]
     assert len(prompts) >= 30 and len(set(prompts)) == len(prompts)
     text = sharegpt_path().read_text(encoding="utf-8").lower()
     assert [p for p in prompts if p.lower() in text] == []
+    shards = sorted((REPO_ROOT / "heads" / "smollm2-135m-instruct").glob("replies-magpie/*.npz"))
+    own = backend.tokenizer.decode([t for path in shards for s in replies.load_shard(path) for t in s.ids]).lower()
+    assert [p for p in prompts if p.lower() in own] == []
 
 
 def test_build_can_continue_another_folders_numbering(backend, tmp_path):
     """A folder of replies made another way (`extends`) starts where the earlier folder's shards end: its first shard
     answers the conversations after theirs, and the earlier folder is left as it was."""
     convs = [conversation(i, t) for i, t in enumerate(TURNS)]
-    replies.build(backend, iter(convs), tmp_path / "a", False, budget=1, max_seq=96, max_reply=8, shard=2)
+    replies.build(backend, convs, tmp_path / "a", False, budget=1, max_seq=96, max_reply=8, shard=2)
     before = sorted(p.name for p in (tmp_path / "a").iterdir())
-    replies.build(backend, iter(convs), tmp_path / "b", False, budget=10_000, max_seq=96, max_reply=8, shard=2,
+    replies.build(backend, convs, tmp_path / "b", False, budget=10_000, max_seq=96, max_reply=8, shard=2,
                   extends=[tmp_path / "a"])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before == ["train-0000.npz"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["train-0001.npz", "train-0002.npz"]
@@ -200,7 +204,8 @@ def test_build_can_continue_another_folders_numbering(backend, tmp_path):
 
 
 def test_extends_refuses_another_models_or_lengths_replies(tmp_path):
-    source = {"model": "m", "backend": "llamacpp", "max_seq": 512, "max_reply": 256, "weights": "Q8_0"}
+    source = {"model": "m", "prompts": "sharegpt", "backend": "llamacpp", "max_seq": 512, "max_reply": 256,
+              "weights": "Q8_0"}
     replies.check_source(tmp_path / "a", source | {"backend": "hf", "weights": "bfloat16"})
     replies.check_extends([tmp_path / "a"], source)  # computed another way: allowed
     replies.check_source(tmp_path / "b", source | {"max_seq": 1024})
@@ -208,6 +213,63 @@ def test_extends_refuses_another_models_or_lengths_replies(tmp_path):
         replies.check_extends([tmp_path / "b"], source)
     with pytest.raises(ValueError, match="model=None"):  # no source.json: not a reply folder
         replies.check_extends([tmp_path / "missing"], source)
+    replies.check_source(tmp_path / "c", source | {"prompts": "magpie"})  # other conversations: other numbering
+    with pytest.raises(ValueError, match="prompts='magpie', not prompts='sharegpt'"):
+        replies.check_extends([tmp_path / "c"], source)
+
+
+def test_shipped_reply_folders_name_their_prompts():
+    """Readers group folders into datasets by prompt source; a shipped folder without one would join ShareGPT's."""
+    folders = sorted((REPO_ROOT / "heads" / "smollm2-135m-instruct").glob("replies*"))
+    assert len(folders) >= 2
+    for folder in folders:
+        assert json.loads((folder / "source.json").read_text())["prompts"] in ("sharegpt", "magpie"), folder
+
+
+def test_magpie_turn_i_is_seed_i_and_only_the_asked_ones_are_sampled(backend, monkeypatch):
+    """The stream of the model's own user turns is fixed: a slice samples only its seeds (a resumed build does not
+    redo earlier ones), gives the same turns alone as in a longer slice, and held-out seeds are others."""
+    from medusa_core.tools import magpie
+
+    asked = []
+    sample = magpie.sample_turns
+    monkeypatch.setattr(magpie, "sample_turns", lambda b, seeds, rows: asked.append(list(seeds)) or
+                        sample(b, seeds, rows))
+    turns = magpie.UserTurns(backend, held_out=False, rows=2)
+    first, later = turns[0:4], turns[2:4]
+    assert asked == [[0, 1, 2, 3], [2, 3]] and later == first[2:]
+    assert [c.id for c in first] == [f"magpie-train-{i}" for i in range(4)]
+    assert turns[3] == first[3]
+    kept = [c.messages for c in first if c.messages]
+    assert kept and all(len(m) == 1 and m[0]["role"] == "user" and len(m[0]["content"]) >= magpie.MIN_CHARS
+                        for m in kept)
+    held_out = magpie.UserTurns(backend, held_out=True, rows=2)[0:4]
+    assert asked[-1] == [magpie.HELD_OUT_SEED + i for i in range(4)]
+    assert [c.messages for c in held_out] != [c.messages for c in first]
+
+
+def test_magpie_turns_are_the_models_samples_after_its_user_prefix(backend):
+    """Turn i is what seeded sampling draws, token by token, from an independent llama-cpp-python model fed the chat
+    template's user prefix: same seed, same positions, until the model ends its turn (or MAX_TURN: no turn)."""
+    from medusa_core.request import SamplingParams
+    from medusa_core.sampling import choose_token
+    from medusa_core.tools import magpie
+
+    reference = llama_reference(backend.gguf_path, backend.settings, 512)
+    tok = backend.tokenizer
+    text = "Hello there"  # the prefix is where a user's text goes in the model's template, default system turn kept
+    assert tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False).startswith(
+        magpie.user_prefix(tok) + text + "<|im_end|>")
+    prefix = tok.encode(magpie.user_prefix(tok), add_special_tokens=False)
+    for seed, ours in enumerate(magpie.sample_turns(backend, range(4), rows=2)):
+        ids, params = list(prefix), SamplingParams(**magpie.SAMPLING, seed=seed)
+        while len(ids) - len(prefix) < magpie.MAX_TURN and ids[-1] not in backend.eos_token_ids:
+            reference.reset()
+            reference.eval(ids)
+            ids.append(choose_token(torch.from_numpy(reference.scores[len(ids) - 1].copy()), params, seed, len(ids)))
+        text = tok.decode(ids[len(prefix):], skip_special_tokens=True).strip()
+        stopped = ids[-1] in backend.eos_token_ids
+        assert ours == (text if stopped and len(text) >= magpie.MIN_CHARS else None), seed
 
 
 def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedded_generator):
@@ -227,3 +289,25 @@ def test_cache_from_reply_shards_is_a_prefill_of_the_stored_ids(tmp_path, embedd
     cache, paths = load_or_build_cache(embedded_generator.backend, args, held_out=False, data="generated")
     assert len(paths) == 2 and sorted(cache.tokens.tolist()) == sorted(s for q in seqs + later for s in q.ids)
     assert int(cache.assistant.sum()) == 6 and torch.isfinite(cache.hidden.float()).all()
+
+
+def test_cache_takes_each_prompt_sources_shards_in_turn(tmp_path, embedded_generator):
+    """Folders of another prompt source (source.json) are a dataset of their own: their shard 0 is not shadowed by
+    ShareGPT's shard 0, each is cached in its own folder, and a budget takes shard i of each before shard i + 1."""
+    import types
+
+    from medusa_core.tools.commands import load_or_build_cache
+
+    source = {"model": "m", "backend": "llamacpp", "max_seq": 512, "max_reply": 256, "weights": "Q8_0"}
+    for name, prompts, first in (("s", "sharegpt", 10), ("m", "magpie", 30)):
+        replies.check_source(tmp_path / name, source | {"prompts": prompts})
+        for i in range(3):
+            ids = [first + 3 * i, first + 3 * i + 1, first + 3 * i + 2]
+            replies.save_shard(replies.shard_path(tmp_path / name, False, i), [Encoded(ids, [False, True, True])])
+    args = types.SimpleNamespace(cache_dir=str(tmp_path / "c"), max_seq=512, train_tokens=12, eval_tokens=0,
+                                 replies=[str(tmp_path / "s"), str(tmp_path / "m")])
+    cache, paths = load_or_build_cache(embedded_generator.backend, args, held_out=False, data="generated")
+    assert [(p.parent.name.split("-")[1:3], p.name) for p in paths] == [
+        (["generated", "512"], "shard-0000.pt"), (["generated", "magpie"], "shard-0000.pt"),
+        (["generated", "512"], "shard-0001.pt"), (["generated", "magpie"], "shard-0001.pt")]
+    assert cache.tokens.tolist() == [10, 11, 12, 30, 31, 32, 13, 14, 15, 33, 34, 35]

@@ -13,13 +13,14 @@ import argparse
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct"
 # The shipped heads' data: the first 96 training shards answered by transformers in bf16, the rest by llama.cpp.
 REPLIES = ["heads/smollm2-135m-instruct/replies", "heads/smollm2-135m-instruct/replies-llamacpp"]
+MAGPIE = "heads/smollm2-135m-instruct/replies-magpie"  # replies to user turns the model wrote (tools/magpie.py)
 
 
 def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
@@ -45,12 +46,16 @@ def add_parsers(sub: argparse._SubParsersAction, default_config: str) -> None:
     tr.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     tr.add_argument("--ray-workers", type=int, default=0, help="train data-parallel on N Ray Train workers")
     tr.add_argument("--gpu", action="store_true", help="Ray workers use one GPU each (NCCL)")
-    rp = sub.add_parser("replies", help="answer ShareGPT conversations with the base model itself, kept as token "
-                        "ids (the self-distillation data); resumes at the first missing shard")
+    rp = sub.add_parser("replies", help="answer conversations with the base model itself, kept as token ids (the "
+                        "self-distillation data); resumes at the first missing shard")
     rp.add_argument("--config", default="configs/smollm2-135m-llamacpp.yaml", help="model config that answers")
-    rp.add_argument("--out", default=REPLIES[-1], help="folder of reply shards (one model and setting)")
-    rp.add_argument("--extends", nargs="*", default=REPLIES[:-1], help="folders whose shards count as made: --out "
-                    "continues their numbering (conversations) with its own model and setting")
+    rp.add_argument("--prompts", choices=["sharegpt", "magpie"], default="sharegpt",
+                    help="ShareGPT's user turns, or one-turn conversations whose user turn the model writes itself")
+    rp.add_argument("--out", default=None, help=f"folder of reply shards (one model, setting and prompt source; "
+                    f"default {REPLIES[-1]}, or {MAGPIE} for magpie)")
+    rp.add_argument("--extends", nargs="*", default=None, help="folders whose shards count as made: --out "
+                    "continues their numbering (conversations) with its own model and setting (default: for "
+                    f"sharegpt, {' '.join(REPLIES[:-1])})")
     rp.add_argument("--train-tokens", type=int, default=5_000_000, help="reply tokens to store for training")
     rp.add_argument("--eval-tokens", type=int, default=40_000, help="reply tokens to store for held-out evaluation")
     rp.add_argument("--max-seq", type=int, default=512, help="tokens per conversation (later turns are dropped)")
@@ -121,38 +126,63 @@ def states_name(backend) -> str:
 def load_or_build_cache(backend, args, held_out: bool, data: str = "sharegpt", shard: int | None = None):
     """Load or build the held-in or held-out cache: shards of `shard` conversations (default `replies.SHARD`: cache
     shard i is reply shard i) until the token budget is met (`args`: cache_dir, max_seq, train_tokens or
-    eval_tokens); a bigger budget adds shards, an interrupted build resumes at a shard. Returns the joined cache and
-    its shard files."""
+    eval_tokens); a bigger budget adds shards, an interrupted build resumes at a shard. Reply folders of different
+    prompt sources (source.json) are datasets of their own, each cached in its folder and taken in turn, shard i of
+    each before shard i + 1, so any budget mixes them. Returns the joined cache and its shard files."""
     from medusa_core.config import cache_root, resolve_repo_path
-    from medusa_core.tools import replies
     from medusa_core.tools.distill import HiddenCache, build_cache
 
-    shard = shard or replies.SHARD
     budget = args.eval_tokens if held_out else args.train_tokens
     root = resolve_repo_path(args.cache_dir) if args.cache_dir else cache_root() / "medusa"
-    folder = root / f"{'heldout' if held_out else 'train'}-{data}-{args.max_seq}-{states_name(backend)}"
-    shards, paths, pool = [], [], None
-    reply_folders = [resolve_repo_path(f) for f in args.replies] if data == "generated" else []
-    while sum(s.num_tokens for s in shards) < budget:
-        path = folder / f"shard-{len(paths):04d}.pt"
-        if not path.is_file() and data == "generated":  # prefill of the stored replies: no decoding
-            source = replies.find_shard(reply_folders, held_out, len(paths))
-            if source is None:
-                print(f"{', '.join(args.replies)} hold {len(paths)} {'held-out' if held_out else 'train'} reply "
-                      f"shards; `python -m medusa_core replies` makes more")
+    split = "heldout" if held_out else "train"
+    sources = _cache_sources(backend, args, held_out, data, shard)
+    shards, paths, index, total = [], [], 0, 0
+    while sources and total < budget:
+        for name, make in list(sources):
+            if total >= budget:
                 break
-            sequences = [s for s in replies.load_shard(source) if s.ids]
-            build_cache(backend, sequences, desc=f"shard {len(paths)}").save(path)
-        elif not path.is_file():
-            pool = pool or _sequences(backend, args, held_out, skip=len(paths) * shard)
-            chunk = list(itertools.islice(pool, shard))
-            if not chunk:
-                print(f"the {'held-out' if held_out else 'held-in'} split ran out at {len(paths)} shards")
-                break
-            build_cache(backend, chunk, desc=f"shard {len(paths)}").save(path)
-        shards.append(HiddenCache.load(path, shards[0].lm_head if shards else None))  # one lm_head in memory
-        paths.append(path)
+            path = root / f"{split}-{name}-{args.max_seq}-{states_name(backend)}" / f"shard-{index:04d}.pt"
+            if not path.is_file():
+                if (sequences := make(index)) is None:
+                    sources.remove((name, make))
+                    continue
+                build_cache(backend, sequences, desc=f"{name} shard {index}").save(path)
+            shards.append(HiddenCache.load(path, shards[0].lm_head if shards else None))  # one lm_head in memory
+            paths.append(path)
+            total += shards[-1].num_tokens
+        index += 1
     return HiddenCache.concat(shards), paths
+
+
+def _cache_sources(backend, args, held_out: bool, data: str, shard: int | None) -> list[tuple[str, Callable]]:
+    """(cache name, shard index -> its sequences, None past the last) per dataset: the split's conversations as
+    written, or the stored replies of each prompt source (a prefill of their ids: no decoding)."""
+    from medusa_core.config import resolve_repo_path
+    from medusa_core.tools import replies
+
+    split = "held-out" if held_out else "train"
+    if data == "generated":
+        def stored(folders: list[Path]) -> Callable:
+            def make(index: int):
+                if (path := replies.find_shard(folders, held_out, index)) is None:
+                    print(f"{', '.join(map(str, folders))} hold {index} {split} reply shards; `python -m medusa_core "
+                          "replies` makes more")
+                    return None
+                return [s for s in replies.load_shard(path) if s.ids]
+            return make
+
+        datasets = replies.by_prompts([resolve_repo_path(f) for f in args.replies])
+        return [("generated" + ("" if p == "sharegpt" else f"-{p}"), stored(f)) for p, f in datasets.items()]
+    shard = shard or replies.SHARD
+    pool: list[Iterator] = []
+
+    def written(index: int):
+        pool[:] = pool or [_sequences(backend, args, held_out, skip=index * shard)]
+        if not (chunk := list(itertools.islice(pool[0], shard))):
+            print(f"the {'held-out' if held_out else 'held-in'} split ran out at {index} shards")
+            return None
+        return chunk
+    return [("sharegpt", written)]
 
 
 def _conversations(held_out: bool) -> list:
@@ -183,6 +213,7 @@ def replies_command(args: argparse.Namespace) -> None:
     from medusa_core.backends import load_backend
     from medusa_core.config import load_config, resolve_repo_path
     from medusa_core.tools import replies
+    from medusa_core.tools.magpie import UserTurns
 
     config = load_config(args.config)
     base = config.base_model
@@ -190,21 +221,27 @@ def replies_command(args: argparse.Namespace) -> None:
     base = base.model_copy(update={"llamacpp": base.llamacpp.model_copy(update=llamacpp)} if base.backend ==
                            "llamacpp" else {"dtype": args.dtype or base.dtype})
     backend = load_backend(base)
-    out = resolve_repo_path(args.out)
-    source = {"model": config.name, "backend": base.backend, "max_seq": args.max_seq, "max_reply": args.max_reply,
+    magpie = args.prompts == "magpie"
+    out = resolve_repo_path(args.out or (MAGPIE if magpie else REPLIES[-1]))
+    source = {"model": config.name, "prompts": args.prompts, "backend": base.backend, "max_seq": args.max_seq,
+              "max_reply": args.max_reply,
               "weights": base.llamacpp.requantize or base.gguf_file if base.backend == "llamacpp" else base.dtype}
-    extends = [resolve_repo_path(f) for f in args.extends]
+    chain = ([] if magpie else REPLIES[:-1]) if args.extends is None else args.extends
+    extends = [resolve_repo_path(f) for f in chain]
     replies.check_extends(extends, source)
     replies.check_source(out, source)
     for held_out, budget in ((True, args.eval_tokens), (False, args.train_tokens)):
-        stored = replies.build(backend, iter(_conversations(held_out)), out, held_out, budget, args.max_seq,
-                               args.max_reply, rows=args.rows, extends=extends)
+        conversations = UserTurns(backend, held_out, args.rows) if magpie else _conversations(held_out)
+        stored = replies.build(backend, conversations, out, held_out, budget, args.max_seq, args.max_reply,
+                               rows=args.rows, extends=extends)
         print(f"{stored} {'held-out' if held_out else 'train'} reply tokens in {out}"
-              + "".join(f" and {f}" for f in args.extends))
+              + "".join(f" and {f}" for f in extends))
 
 
 def train_command(args: argparse.Namespace) -> None:
+    from medusa_core.config import resolve_repo_path
     from medusa_core.heads import save_heads
+    from medusa_core.tools import replies
     from medusa_core.tools.train import TrainConfig, train, train_ray
 
     config, backend = config_and_backend(args.config, args.dtype)
@@ -227,7 +264,9 @@ def train_command(args: argparse.Namespace) -> None:
         heads, seconds, losses = result.heads, result.seconds, result.losses
     heldout, _ = load_or_build_cache(backend, args, held_out=True, data=args.data)
     accuracy = _accuracy(heads, heldout)
-    info = {"base_model": config.name, "data": args.data, "train_tokens": cache.num_tokens,
+    prompts = list(replies.by_prompts([resolve_repo_path(f) for f in args.replies])) if args.data == "generated" \
+        else ["sharegpt"]
+    info = {"base_model": config.name, "data": args.data, "prompts": prompts, "train_tokens": cache.num_tokens,
             "train_assistant_tokens": int(cache.assistant.sum()), "heldout_tokens": heldout.num_tokens,
             "max_seq": args.max_seq, "config": asdict(cfg), "ray_workers": args.ray_workers,
             "train_seconds": round(seconds, 1), "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),

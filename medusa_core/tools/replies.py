@@ -1,4 +1,4 @@
-"""Self-distilled training text: ShareGPT conversations answered, turn by turn, by the base model itself.
+"""Self-distilled training text: conversations answered, turn by turn, by the base model itself.
 
 Medusa's self-distillation (paper, section 3.2.1) trains the heads on the base model's own replies, so the hidden
 states they learn from are the ones they meet when serving. `answer` keeps the user turns of a conversation and
@@ -7,18 +7,19 @@ conversation or `max_seq` tokens run out. Rows decode in one continuously refill
 llama.cpp (the fast one here) a conversation keeps its row and each next turn is read onto the cache the row holds
 (`decode.extend`), elsewhere a finished turn leaves and its next turn joins as a new request.
 
-The replies are kept as token ids (the vocabulary fits uint16), in compressed shards of SHARD conversations taken
-in the split's fixed order: `python -m medusa_core replies` resumes at the first missing shard, and a new machine
+The conversations are ShareGPT's, or one-turn ones whose user turn the model wrote itself (`magpie.UserTurns`). The
+replies are kept as token ids (the vocabulary fits uint16), in compressed shards of SHARD conversations taken in the
+split's fixed order: `python -m medusa_core replies` resumes at the first missing shard, and a new machine
 rebuilds the hidden-state cache from the shards by prefill alone (`commands.load_or_build_cache`). A folder holds the
-replies of one model and setting (source.json); a folder made another way can continue another's numbering
-(`build(..., extends=...)`), and readers take each shard from the first folder of their list that holds it.
+replies of one model, setting and prompt source (source.json); a folder made another way can continue another's
+numbering (`build(..., extends=...)`), and readers take each shard from the first folder of their list that holds
+it.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,20 @@ def check_extends(folders: Sequence[Path], source: dict) -> None:
     for folder in folders:
         path = folder / "source.json"
         kept = json.loads(path.read_text()) if path.is_file() else {}
-        if differ := [k for k in ("model", "max_seq", "max_reply") if kept.get(k) != source[k]]:
+        if differ := [k for k in ("model", "prompts", "max_seq", "max_reply") if kept.get(k) != source[k]]:
             raise ValueError(f"--extends {folder}: its replies have " + ", ".join(f"{k}={kept.get(k)!r}" for k in
                              differ) + f", not {', '.join(f'{k}={source[k]!r}' for k in differ)}")
+
+
+def by_prompts(folders: Sequence[Path]) -> dict[str, list[Path]]:
+    """Reply folders grouped by prompt source (source.json; none: ShareGPT), in order: each group is one dataset
+    with one shard numbering."""
+    groups: dict[str, list[Path]] = {}
+    for folder in folders:
+        path = Path(folder) / "source.json"
+        prompts = json.loads(path.read_text()).get("prompts", "sharegpt") if path.is_file() else "sharegpt"
+        groups.setdefault(prompts, []).append(Path(folder))
+    return groups
 
 
 def shard_path(folder: str | Path, held_out: bool, index: int) -> Path:
@@ -219,7 +231,7 @@ def _end_turn(tok, d: _Dialogue, reply: list[int], end: list[int]) -> None:
     d.ids, d.assistant = d.ids + reply + end, d.assistant + [True] * (len(reply) + len(end))
 
 
-def build(backend: Backend, conversations: Iterator[Conversation], folder: str | Path, held_out: bool,
+def build(backend: Backend, conversations: Sequence[Conversation], folder: str | Path, held_out: bool,
           budget: int, max_seq: int, max_reply: int, shard: int = SHARD, rows: int = 8,
           extends: Sequence[str | Path] = ()) -> int:
     """Answer conversations into shards until `budget` reply tokens are stored (existing shards, in `folder` or in
@@ -232,13 +244,12 @@ def build(backend: Backend, conversations: Iterator[Conversation], folder: str |
                unit="tok", smoothing=0.05)
     # Conversations answered in one batch, which drains only at the group's end (held-out: small budgets, one shard).
     group = shard if held_out else shard * max(1, rows // 8)
-    rest = itertools.islice(conversations, done, None)
     while stored < budget:
         # A group shrinks to the conversations the rest of the budget needs at the mean reply so far, so a small
         # budget answers a few conversations (its last shard holds fewer than `shard`), not a whole group.
         per_conversation = stored / done if stored else REPLY_GUESS
         size = min(group, math.ceil((budget - stored) / per_conversation))
-        pending = list(itertools.islice(rest, size))
+        pending = list(conversations[done : done + size])  # sliced: a lazy sequence makes only these
         if not pending:
             break
         stored, index = _save_group(backend, pending, folder, held_out, index, shard, max_seq, max_reply, bar,
