@@ -98,8 +98,8 @@ def _common(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--eval-tokens", type=int, default=30_000, help="tokens of held-out text to cache")
     p.add_argument("--data", choices=["sharegpt", "generated"], default="sharegpt",
                    help="ShareGPT replies as written, or the base model's own greedy replies (`replies` shards)")
-    p.add_argument("--replies", nargs="+", default=REPLIES, help="folders of reply shards for --data generated; "
-                   "each shard comes from the first folder that holds it")
+    p.add_argument("--replies", nargs="+", default=REPLIES + [MAGPIE], help="folders of reply shards for --data "
+                   "generated; each shard comes from the first folder of its prompt source that holds it")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="transformers backend: weights dtype, and so the dtype of the cached hidden states "
                    "(default: the config's; bfloat16 caches about twice as fast on CPUs with AVX512-BF16)")
