@@ -174,11 +174,12 @@ def _cache_sources(backend, args, held_out: bool, data: str, shard: int | None) 
         datasets = replies.by_prompts([resolve_repo_path(f) for f in args.replies])
         return [("generated" + ("" if p == "sharegpt" else f"-{p}"), stored(f)) for p, f in datasets.items()]
     shard = shard or replies.SHARD
-    pool: list[Iterator] = []
+    pool: Iterator | None = None  # made at the first shard to build, skipping the ones already cached
 
     def written(index: int):
-        pool[:] = pool or [_sequences(backend, args, held_out, skip=index * shard)]
-        if not (chunk := list(itertools.islice(pool[0], shard))):
+        nonlocal pool
+        pool = pool or _sequences(backend, args, held_out, skip=index * shard)
+        if not (chunk := list(itertools.islice(pool, shard))):
             print(f"the {'held-out' if held_out else 'held-in'} split ran out at {index} shards")
             return None
         return chunk
