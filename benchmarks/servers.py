@@ -36,8 +36,6 @@ class Server:
     model: str = ""
 
 
-
-
 # --- the peer's virtualenv and model file ---------------------------------------------------------------------
 
 def pinned_llama_cpp_version() -> str:
