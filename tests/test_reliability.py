@@ -176,7 +176,10 @@ def test_ingress_queue_is_bounded(server):
     ingress = deployment(server.config, "Ingress")
     slots, queued = ingress["max_ongoing_requests"], ingress.get("max_queued_requests", -1)
     window_s = ingress["user_config"]["body_timeout_s"]  # after it, the first slow bodies leave with a 408
-    idle = time.monotonic() + 30  # the decoder's earlier rows gone, so the two cores route the slow bodies
+    # The two cores must be free to route the slow bodies within the window: no rows left from earlier tests, and
+    # no replica the autoscaler started for them still loading its model or shutting down.
+    assert server.wait_for_replicas({"RUNNING": 1}) == {"RUNNING": 1}
+    idle = time.monotonic() + 30
     while ray_metrics("ray_medusa_running_requests") > 0 and time.monotonic() < idle:
         time.sleep(0.2)
     start, full = time.monotonic(), False
@@ -198,10 +201,16 @@ def test_ingress_queue_is_bounded(server):
     finally:
         for c in clients:
             c.close()
+    closed = time.monotonic()
+    while httpx.get(f"{server.url}/v1/models", timeout=CLIENT_TIMEOUT_S).status_code == 503 \
+            and time.monotonic() - closed < 30:  # the proxy drops the closed clients' queued requests
+        time.sleep(0.2)
+    freed = time.monotonic() - closed
     print(f"ingress overload: {slots} + {queued} slow bodies queued in {filled:.1f} s; 503 in "
-          f"{max(refused) * 1000:.0f} ms at most")
+          f"{max(refused) * 1000:.0f} ms at most; places free again {freed:.1f} s after the clients closed")
     assert max(refused) < 1.0
-    assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0  # the slots are free again
+    assert freed < 10, f"the closed clients' places were still taken after {freed:.1f} s"
+    assert complete(server, "Hello", 4)["usage"]["completion_tokens"] > 0
 
 
 def test_slow_body_gets_408_after_body_timeout(server):
