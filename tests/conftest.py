@@ -87,9 +87,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The real app: `serve run` on serve_config.yaml with a test port, a small queue, short autoscaling delays, a
-    short body timeout and the served model config with a fixed tree; shared by the service and reliability tests
-    (one Ray cluster start)."""
+    """The real app: `serve run` on serve_config.yaml with a test port, a small queue, short autoscaling delays and
+    the served model config with a fixed tree; shared by the service and reliability tests (one Ray cluster
+    start)."""
     from serve_harness import serve_config, start_server
 
     folder = tmp_path_factory.mktemp("serve")
@@ -100,9 +100,7 @@ def server(tmp_path_factory):
         "autoscaling_config": {"upscale_delay_s": 2, "downscale_delay_s": 5, "target_ongoing_requests": 2},
         "health_check_period_s": 2,
         "health_check_timeout_s": 5,
-    # The body timeout is the window in which test_ingress_queue_is_bounded must fill 320 ingress places with slow
-    # bodies before the first ones time out and free theirs; under 1 s here, but it was over 3 s on a CI machine.
-    }, ingress={"user_config": {"body_timeout_s": 10}})
+    })
     s = start_server(cfg, folder)
     yield s
     s.stop()
