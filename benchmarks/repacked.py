@@ -20,8 +20,8 @@ import numpy as np
 
 from medusa_core.backends.gguf_files import route_llama_log_once
 from medusa_core.backends.hf import resolve_source
-from medusa_core.backends.llamacpp import requantized
-from medusa_core.config import load_config, models_cache, resolve_repo_path
+from medusa_core.backends.llamacpp import LlamaCppBackend, requantized
+from medusa_core.config import LlamaCppConfig, load_config, models_cache, resolve_repo_path
 from medusa_core.timing import fastest_in_turns
 
 PROMPT = 200
@@ -30,15 +30,13 @@ PROMPT = 200
 class Context:
     """One llama.cpp model and context of one sequence, loaded with or without extra weight buffers."""
 
-    def __init__(self, lc, path: Path, extra_buffers: bool, threads: int):
+    def __init__(self, lc, path: Path, extra_buffers: bool, settings: LlamaCppConfig):
         self.lc = lc
         params = lc.llama_model_default_params()
         params.use_extra_bufts = extra_buffers
         self.model = lc.llama_model_load_from_file(str(path).encode(), params)
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 1024, 512, 63, 1
-        cparams.n_threads = cparams.n_threads_batch = threads
-        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        # The backend's own context settings (ubatch, flash attention, KV type, ...), for one row of 1,024 cells.
+        self.ctx = lc.llama_init_from_model(self.model, LlamaCppBackend._context_params(settings, 1024))
         self.mem = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(512, 0, 1)
         self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
@@ -92,7 +90,8 @@ def main() -> None:
     print("|" + "---|" * (3 + len(args.nodes)))
     for encoding in args.encodings:
         path = src if encoding == "Q4_1" else requantized(src, encoding, models_cache(base))
-        contexts = [Context(lc, path, extra, args.threads) for extra in (False, True)]
+        settings = base.llamacpp.model_copy(update={"n_seq_max": 1, "n_threads": args.threads})
+        contexts = [Context(lc, path, extra, settings) for extra in (False, True)]
         for c in contexts:
             c.decode(prompt, 0)
         diffs = [max(c.chain_difference(tokens[:n]) for n in args.nodes if n > 1) for c in contexts]
